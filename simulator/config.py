@@ -1,0 +1,7 @@
+"""PLACEHOLDER (owned by the evaluation work): SimulatorConfig."""
+from dataclasses import dataclass
+
+
+@dataclass
+class SimulatorConfig:
+    seed: int = 0

@@ -1,0 +1,1 @@
+"""Broker session fixture (owned by the streaming work)."""

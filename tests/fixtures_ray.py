@@ -1,0 +1,1 @@
+"""Ray session fixture (owned by the loop work)."""
