@@ -66,8 +66,19 @@ def read_log(path: str | Path | None = None, limit: int | None = None) -> Impres
     """Read a KuaiRand standard log (csv or csv.gz) into column arrays, sorted by time_ms.
 
     Rows with a missing or malformed value in a used column raise ValueError naming the row.
+    The shipped week (no path, no limit) is read once per process and shared: don't mutate it.
     """
-    path = Path(path) if path is not None else data_dir() / LOG_FILE
+    if path is None and limit is None:
+        return _shipped_log()
+    return _read_log(Path(path) if path is not None else data_dir() / LOG_FILE, limit)
+
+
+@lru_cache(maxsize=1)
+def _shipped_log() -> ImpressionLog:
+    return _read_log(data_dir() / LOG_FILE, None)
+
+
+def _read_log(path: Path, limit: int | None) -> ImpressionLog:
     opener = gzip.open if str(path).endswith(".gz") else open
     cols: dict[str, list[int]] = {c: [] for c in _INT_COLUMNS}
     with opener(path, "rt", newline="") as f:
@@ -137,3 +148,202 @@ def read_user_history() -> dict[int, dict[str, list[int]]]:
                 "last_time_ms": rec.get("last_time_ms"),
             }
     return out
+
+
+# --------------------------------------------------------------------------- user features
+# Categorical user features become small ints, one per field, 0 meaning "unknown".
+_PROFILE_COLUMNS = (
+    ["user_active_degree", "is_lowactive_period", "is_live_streamer", "is_video_author",
+     "follow_user_num_range", "fans_user_num_range", "friend_user_num_range", "register_days_range"]
+    + [f"onehot_feat{i}" for i in range(18)]
+)
+PROFILE_FIELDS = len(_PROFILE_COLUMNS)  # 26
+PROFILE_VOCAB = 64                      # per field; high-cardinality fields fold their ranks modulo 63
+
+
+@lru_cache(maxsize=1)
+def _profile_table() -> dict[int, list[int]]:
+    feats = read_user_features()
+    columns = []
+    for c in _PROFILE_COLUMNS:
+        values = feats[c].astype(str)
+        ranks = {v: i for i, v in enumerate(sorted(set(values.tolist())))}
+        columns.append([1 + ranks[v] % (PROFILE_VOCAB - 1) for v in values.tolist()])
+    return {int(uid): [col[n] for col in columns] for n, uid in enumerate(feats["user_id"].tolist())}
+
+
+def profile_features(user_id: int) -> list[int]:
+    """The user's `PROFILE_FIELDS` categorical profile ids, each in [0, PROFILE_VOCAB); zeros if unknown."""
+    return list(_profile_table().get(int(user_id), [0] * PROFILE_FIELDS))
+
+
+# --------------------------------------------------------------------------- flags and durations
+FLAG_LIKE, FLAG_FOLLOW, FLAG_COMMENT, FLAG_FORWARD, FLAG_COLLECT, FLAG_DISLIKE, FLAG_LONG_VIEW = 1, 2, 4, 8, 16, 32, 64
+
+
+def flags_of(log: ImpressionLog, i: int) -> int:
+    """The interface's action bitmask for row i of the log (KuaiRand has no 'collect')."""
+    return (FLAG_LIKE * int(log.is_like[i]) | FLAG_FOLLOW * int(log.is_follow[i])
+            | FLAG_COMMENT * int(log.is_comment[i]) | FLAG_FORWARD * int(log.is_forward[i])
+            | FLAG_DISLIKE * int(log.is_hate[i]) | FLAG_LONG_VIEW * int(log.long_view[i]))
+
+
+@lru_cache(maxsize=1)
+def video_durations_s() -> dict[int, float]:
+    """Video duration in seconds from the video features (NaN durations become 0.0)."""
+    v = read_video_features()
+    d = np.nan_to_num(v["video_duration"] / 1000.0, nan=0.0)
+    return {int(i): float(x) for i, x in zip(v["video_id"].tolist(), d.tolist())}
+
+
+# --------------------------------------------------------------------------- user histories
+class UserHistory:
+    """Per-user recent behaviour, newest last; `context(user)` gives the interface's user-context dict.
+
+    `short` holds the last `short_len` items, `long` the `long_len` items before those. With
+    `warm_start`, users begin with their pre-week KuaiRand history (which has no play times: a
+    long-watched item is imputed as watched to the end, any other as a quarter of its duration).
+    """
+
+    def __init__(self, short_len: int = 20, long_len: int = 256, warm_start: bool = True):
+        if short_len < 1 or long_len < 0:
+            raise ValueError(f"short_len must be >= 1 and long_len >= 0, got {short_len}, {long_len}")
+        self.short_len, self.long_len = short_len, long_len
+        self._rows: dict[int, list[tuple[int, float, float, int]]] = {}
+        self._warm = warm_start
+
+    def _user(self, user_id: int) -> list[tuple[int, float, float, int]]:
+        rows = self._rows.get(user_id)
+        if rows is None:
+            rows = []
+            if self._warm:
+                hist = read_user_history().get(user_id)
+                if hist is not None:
+                    durations = video_durations_s()
+                    long_watch, liked = set(hist["long_watch_seq"]), set(hist["like_seq"])
+                    for item in hist["watch_seq"][-(self.short_len + self.long_len):]:
+                        d = durations.get(int(item), 0.0)
+                        lw = item in long_watch
+                        flags = (FLAG_LONG_VIEW if lw else 0) | (FLAG_LIKE if item in liked else 0)
+                        rows.append((int(item), d, d if lw else 0.25 * d, flags))
+            self._rows[user_id] = rows
+        return rows
+
+    def record(self, user_id: int, item_id: int, duration_s: float, play_time_s: float, flags: int = 0) -> None:
+        rows = self._user(int(user_id))
+        rows.append((int(item_id), float(duration_s), float(play_time_s), int(flags)))
+        cap = self.short_len + self.long_len
+        if len(rows) > 2 * cap:  # amortised trim keeps appends O(1)
+            del rows[: len(rows) - cap]
+
+    def context(self, user_id: int) -> dict:
+        rows = self._user(int(user_id))[-(self.short_len + self.long_len):]
+        short, long = rows[-self.short_len:], rows[: max(0, len(rows) - self.short_len)]
+
+        def seq(part):
+            return {"item_id": [r[0] for r in part], "duration_s": [r[1] for r in part],
+                    "play_time_s": [r[2] for r in part], "flags": [r[3] for r in part]}
+
+        return {"profile": profile_features(user_id), "short": seq(short), "long": seq(long)}
+
+
+# --------------------------------------------------------------------------- requests
+def group_requests(log: ImpressionLog, gap_s: float = 60.0, max_items: int = 10) -> list[np.ndarray]:
+    """Row indices grouped into requests: one user's rows, each within gap_s of the previous, at most
+    max_items per request. Requests are ordered by their first row's time; rows keep time order."""
+    if gap_s <= 0 or max_items < 1:
+        raise ValueError(f"gap_s must be > 0 and max_items >= 1, got {gap_s}, {max_items}")
+    open_req: dict[int, list[int]] = {}
+    last_t: dict[int, int] = {}
+    done: list[list[int]] = []
+    gap_ms = gap_s * 1000.0
+    for i, (u, t) in enumerate(zip(log.user_id.tolist(), log.time_ms.tolist())):
+        cur = open_req.get(u)
+        if cur is not None and (t - last_t[u] > gap_ms or len(cur) >= max_items):
+            done.append(cur)
+            cur = None
+        if cur is None:
+            cur = open_req[u] = []
+        cur.append(i)
+        last_t[u] = t
+    done.extend(open_req.values())
+    done.sort(key=lambda rows: rows[0])
+    return [np.asarray(r, dtype=np.int64) for r in done]
+
+
+# --------------------------------------------------------------------------- item embeddings
+@lru_cache(maxsize=2)
+def _default_item_embeddings(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    return _item_embeddings(read_log(), dim)
+
+
+def item_embeddings(log: ImpressionLog | None = None, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """See `_item_embeddings`; the default log's result is cached (arrays are shared: don't mutate)."""
+    if log is None:
+        return _default_item_embeddings(dim)
+    return _item_embeddings(log, dim)
+
+
+def _item_embeddings(log: ImpressionLog, dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """One vector per video in the catalogue, for the semantic-id tokenizer.
+
+    Why this mix: semantic ids should put items that the same users watch close together
+    (collaborative signal, as OneRec's item embeddings do) while still placing items nobody has
+    watched yet (content signal). So each item is [co-occurrence part (dim) | content part]:
+    - co-occurrence: items watched by the same user within 10 positions (pre-week histories and the
+      week's log), as a positive PMI matrix, reduced by truncated SVD to `dim` dims, rows L2-normed;
+    - content: log duration, video and upload type one-hots, and the first tag hashed into 16 slots,
+      scaled to weigh a third of the whole.
+    Returns (item_ids (N,), embeddings (N, dim + content) float32), N = catalogue size.
+    """
+    v = read_video_features()
+    item_ids = v["video_id"]
+    index = {int(i): n for n, i in enumerate(item_ids.tolist())}
+    n = len(item_ids)
+
+    # sequences: pre-week histories + this week's log per user
+    seqs: list[list[int]] = [h["watch_seq"] for h in read_user_history().values()]
+    order = np.lexsort((log.time_ms, log.user_id))
+    users, vids = log.user_id[order], log.video_id[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    seqs.extend(s.tolist() for s in np.split(vids, bounds))
+
+    window = 10
+    flat = [index[x] for s in seqs for x in s if x in index]
+    seq_id = np.repeat(np.arange(len(seqs)), [sum(1 for x in s if x in index) for s in seqs])
+    flat = np.asarray(flat, dtype=np.int64)
+    keys = []
+    for k in range(1, window + 1):  # pairs k apart within the same sequence, both directions
+        a, b = flat[:-k], flat[k:]
+        keep = (seq_id[:-k] == seq_id[k:]) & (a != b)
+        keys += [a[keep] * n + b[keep], b[keep] * n + a[keep]]
+    co = np.bincount(np.concatenate(keys), minlength=n * n).astype(np.float32).reshape(n, n)
+    total = co.sum()
+    marg = co.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(co * total / np.outer(marg, marg))
+    ppmi = np.where(np.isfinite(pmi) & (pmi > 0), pmi, 0.0).astype(np.float32)
+    rng = np.random.default_rng(0)
+    # randomized truncated SVD (a few power iterations) keeps this to ~a second for 7.5k items
+    q = rng.standard_normal((n, dim + 8)).astype(np.float32)
+    for _ in range(3):
+        q, _r = np.linalg.qr(ppmi @ (ppmi.T @ q))
+    u_small, s, _vt = np.linalg.svd(q.T @ ppmi, full_matrices=False)
+    collab = (q @ u_small[:, :dim]) * np.sqrt(s[:dim])
+    collab /= np.linalg.norm(collab, axis=1, keepdims=True) + 1e-8
+
+    dur = np.nan_to_num(v["video_duration"] / 1000.0, nan=0.0)
+    content = [np.log1p(dur)[:, None] / 5.0]
+    for col in ("video_type", "upload_type"):
+        cats = sorted(set(v[col].tolist()))
+        content.append(np.eye(len(cats), dtype=np.float32)[[cats.index(x) for x in v[col].tolist()]])
+    tag_slots = np.zeros((n, 16), dtype=np.float32)
+    for r, tag in enumerate(v["tag"].tolist()):
+        first = str(tag).split(",")[0]
+        if first not in ("", "nan"):
+            tag_slots[r, int(first) % 16 if first.isdigit() else hash(first) % 16] = 1.0
+    content.append(tag_slots)
+    content_m = np.concatenate(content, axis=1).astype(np.float32)
+    content_m /= np.linalg.norm(content_m, axis=1, keepdims=True) + 1e-8
+    emb = np.concatenate([collab, 0.5 * content_m], axis=1).astype(np.float32)
+    return item_ids.astype(np.int64), emb
