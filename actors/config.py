@@ -1,7 +1,70 @@
-"""PLACEHOLDER (owned by the loop work): LoopConfig."""
+"""LoopConfig: the `[loop]` section - replicas, publish cadence, checkpoints, serving, bridge, Ray.
+
+Invariant: every value is validated in `__post_init__`, which is idempotent (Config.set calls it
+again after each override), and a bad value raises ValueError naming `loop.<field>`.
+"""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 
 @dataclass
 class LoopConfig:
-    n_replicas: int = 2
+    n_replicas: int = 2                    # two: a replica can die without losing a request
+    publish_every_steps: int = 5           # learner steps between weight pushes ...
+    publish_every_s: float = 2.0           # ... or seconds, whichever comes first (freshness < 10 s)
+    checkpoint_dir: str = "runs/checkpoints"   # fsspec URL: a local path or s3://bucket/prefix
+    checkpoint_every_steps: int = 20
+    checkpoints_kept: int = 3              # older checkpoint folders are deleted
+    versions_kept: int = 4                 # published versions kept in the object store (rollback targets)
+    drift_monitor: bool = True             # `onerec run` starts the drift monitor (actors/drift.py)
+    init_from: str = "runs/pretrain"       # start weights (+ tokenizer) from here if a checkpoint exists
+    beam_width: int = 8
+    top_k: int = 4                         # items per recommendation request
+    bridge_host: str = "127.0.0.1"
+    bridge_port: int = 8311
+    api_token: str | None = None           # bearer token guarding the bridge; None = open (loopback default)
+    request_timeout_s: float = 5.0         # one replica call; after it the bridge retries another replica
+    duration_s: float = 0.0                # `onerec run` length; 0 = until Ctrl-C
+    micro_batch: int = 32                  # online learner step size in samples (train.batch_size is offline)
+    max_batch_wait_s: float = 0.5          # train on a partial micro-batch after this long
+    consumer_group: str = "onerec-learner"
+    ray_address: str | None = None         # None: local Ray; "auto" or "ray://host:10001": a cluster
+    learner_num_gpus: float = 0.0          # >0 puts the learner on a GPU (bf16 autocast)
+    replica_num_gpus: float = 0.0
+    actor_num_cpus: float = 0.5            # logical CPUs per actor; small so the loop fits 2 cores
+    sim_users_per_s: float = 20.0          # simulated traffic: recommendation requests per second
+    sim_users: int = 200                   # simulated users drawn from KuaiRand (few, so they come back)
+    sim_concurrency: int = 4               # requests in flight from the simulator
+    embedded_feedback_window_s: float = 2.0  # `onerec run` on the embedded broker: simulated users answer
+                                           # at once, so the join closes windows after 2 s, not 30 s
+    faust_worker: bool = True              # `onerec run` starts `onerec worker`; false when cluster nodes run theirs
+    progress_every_s: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive_ints = ("n_replicas", "publish_every_steps", "checkpoint_every_steps", "checkpoints_kept", "versions_kept",
+                         "beam_width", "top_k", "micro_batch", "sim_users",
+                         "sim_concurrency")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"loop.{name} must be an integer >= 1, got {value!r}")
+        positive_floats = ("publish_every_s", "request_timeout_s", "max_batch_wait_s", "actor_num_cpus",
+                           "sim_users_per_s", "progress_every_s", "embedded_feedback_window_s")
+        for name in positive_floats:
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"loop.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("duration_s", "learner_num_gpus", "replica_num_gpus"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"loop.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.top_k > self.beam_width:
+            raise ValueError(f"loop.top_k ({self.top_k}) must be <= loop.beam_width ({self.beam_width})")
+        if not 0 <= self.bridge_port <= 65535:
+            raise ValueError(f"loop.bridge_port must be in 0..65535, got {self.bridge_port}")
+        if not self.checkpoint_dir:
+            raise ValueError("loop.checkpoint_dir must not be empty")
+        if self.api_token == "":
+            self.api_token = None
+        if self.ray_address == "":
+            self.ray_address = None

@@ -1,0 +1,162 @@
+"""The HTTP bridge against real replicas (Ray) and a real broker: answers, 4xx reasons, token, retries, logging."""
+import asyncio
+import time
+
+import aiohttp
+import pytest
+import ray
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from actors.publisher import checksum_of, pack_weights
+from actors.replica import ReplicaActor
+from learner.model import LazyDecoder
+from serving_bridge.app import ServingBridge, bound_port, make_app, start_site
+from streaming import schemas
+from streaming.topics import ensure_topics, topic_name
+from tests.loop_helpers import loop_config, tokenizer_blob
+
+pytestmark = pytest.mark.integration
+
+USER = 0   # a KuaiRand user with a pre-week history (the bridge's view of them is warm)
+
+
+def start_replicas(cfg, n=2):
+    torch.manual_seed(0)
+    packed = pack_weights(LazyDecoder(cfg.model).state_dict())
+    ref = ray.put(packed)
+    blob = tokenizer_blob(cfg.model.codebook_size)
+    replicas = [ReplicaActor.options(num_cpus=0.25).remote(cfg.model, blob, 1, ref, checksum_of(packed))
+                for _ in range(n)]
+    ray.get([r.version.remote() for r in replicas], timeout=120)
+    return replicas
+
+
+def impressions_by_id(stream_cfg, wanted: set[str], timeout_s: float = 20) -> dict[str, dict]:
+    consumer = KafkaConsumer(topic_name(stream_cfg, "impressions"), auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=1000, **stream_cfg.client_options())
+    found, deadline = {}, time.monotonic() + timeout_s
+    try:
+        while wanted - set(found) and time.monotonic() < deadline:
+            for record in consumer:
+                imp = schemas.decode_impression(record.value)
+                found[imp["request_id"]] = imp
+    finally:
+        consumer.close()
+    return found
+
+
+@pytest.fixture(scope="module")
+def replicas(ray_session, tmp_path_factory):
+    cfg = loop_config(tmp_path_factory.mktemp("bridge"))
+    handles = start_replicas(cfg)
+    yield cfg, handles
+    for h in handles:
+        ray.kill(h)
+
+
+async def with_bridge(cfg, handles, body):
+    bridge = ServingBridge(cfg, handles)
+    runner = await start_site(make_app(bridge), "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{bound_port(runner)}") as session:
+            return await body(bridge, session)
+    finally:
+        await runner.cleanup()
+
+
+def test_recommend_logs_impressions_and_rejects_bad_requests(replicas, stream_config, tmp_path):
+    cfg, handles = replicas
+    cfg = loop_config(tmp_path)
+    cfg.stream = stream_config
+    ensure_topics(stream_config, kinds=("impressions", "feedback"))
+
+    async def body(bridge, session):
+        answers = []
+        for _ in range(6):
+            async with session.post("/recommend", json={"user_id": USER, "top_k": 3}) as resp:
+                assert resp.status == 200, await resp.text()
+                answers.append(await resp.json())
+        for ans in answers:
+            assert ans["model_version"] == 1 and len(ans["items"]) == 3
+            assert all(it["logprob"] <= 0 and len(it["semantic_id"]) == 3 for it in ans["items"])
+        served = ray.get([h.health.remote() for h in handles], timeout=30)
+        assert all(s["requests_served"] > 0 for s in served), "round robin should use both replicas"
+
+        bad = [(b"{nope", "not valid JSON"), (b'{"top_k": 2}', "user_id"), (b'{"user_id": -1}', "user_id"),
+               (b'{"user_id": 1, "top_k": 99}', "top_k"), (b'{"user_id": 1, "colour": 1}', "unknown fields"),
+               (b'{"user_id": 1, "context": {"profile": [1], "short": {"item_id": [1]}, "long": {}}}',
+                "context.short.duration_s"), (b"[1, 2]", "JSON object")]
+        for payload, reason in bad:
+            async with session.post("/recommend", data=payload) as resp:
+                assert resp.status == 400, payload
+                assert reason in (await resp.json())["error"]
+        async with session.get("/version") as resp:
+            assert (await resp.json())["model_version"] == 1
+        async with session.get("/healthz") as resp:
+            assert resp.status == 200 and (await resp.json())["replicas"] == 2
+
+        # the server's own view of the user follows the feedback topic
+        item = answers[0]["items"][0]["item_id"]
+        producer = KafkaProducer(**stream_config.client_options())
+        deadline = time.monotonic() + 30
+        while item not in bridge.views.context(USER)["short"]["item_id"][-3:]:
+            assert time.monotonic() < deadline, "the bridge never saw the feedback"
+            producer.send(topic_name(stream_config, "feedback"), schemas.encode_feedback(
+                {"request_id": answers[0]["request_id"], "user_id": USER, "item_id": item, "ts": time.time(),
+                 "play_time_s": 12.0, "dislike": False, "like": True}), key=answers[0]["request_id"].encode())
+            producer.flush(timeout=10)
+            await asyncio.sleep(0.5)
+        producer.close()
+        return answers
+
+    answers = asyncio.run(with_bridge(cfg, handles, body))
+    logged = impressions_by_id(stream_config, {a["request_id"] for a in answers})
+    for ans in answers:
+        imp = logged[ans["request_id"]]
+        assert imp["source"] == "onerec" and imp["model_version"] == ans["model_version"]
+        assert [it["item_id"] for it in imp["items"]] == [it["item_id"] for it in ans["items"]]
+        assert [it["logprob"] for it in imp["items"]] == pytest.approx([it["logprob"] for it in ans["items"]])
+        assert imp["context"]["short"]["item_id"], "the served context is logged"
+
+
+def test_token_guards_the_api(replicas, stream_config, tmp_path):
+    _, handles = replicas
+    cfg = loop_config(tmp_path, api_token="s3cret")
+    cfg.stream = stream_config
+    ensure_topics(stream_config, kinds=("impressions", "feedback"))
+
+    async def body(bridge, session):
+        async with session.post("/recommend", json={"user_id": USER}) as resp:
+            assert resp.status == 401 and "bearer token" in (await resp.json())["error"]
+        async with session.get("/version", headers={"Authorization": "Bearer wrong"}) as resp:
+            assert resp.status == 401
+        async with session.post("/recommend", json={"user_id": USER},
+                                headers={"Authorization": "Bearer s3cret"}) as resp:
+            assert resp.status == 200
+        async with session.get("/healthz") as resp:
+            assert resp.status == 200
+
+    asyncio.run(with_bridge(cfg, handles, body))
+
+
+def test_dead_replica_is_skipped_without_losing_requests(ray_session, stream_config, tmp_path):
+    cfg = loop_config(tmp_path)
+    cfg.stream = stream_config
+    ensure_topics(stream_config, kinds=("impressions", "feedback"))
+    handles = start_replicas(cfg)
+
+    async def body(bridge, session):
+        async def ask():
+            async with session.post("/recommend", json={"user_id": USER}) as resp:
+                return resp.status
+        first = await asyncio.gather(*[ask() for _ in range(4)])
+        ray.kill(handles[0])
+        after = await asyncio.gather(*[ask() for _ in range(12)])
+        assert first + after == [200] * 16
+        assert len(bridge.pool) == 1 and bridge.pool.failures >= 1
+        ray.kill(handles[1])
+        async with session.post("/recommend", json={"user_id": USER}) as resp:
+            assert resp.status == 503 and "no replica" in (await resp.json())["error"]
+
+    asyncio.run(with_bridge(cfg, handles, body))

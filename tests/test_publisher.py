@@ -1,0 +1,84 @@
+"""Weight push: safetensors bytes round-trip, versions and checksums, replicas that catch up."""
+import numpy as np
+import pytest
+import ray
+import torch
+from safetensors.torch import load as safetensors_load
+
+from actors.publisher import WeightPublisher, checksum_of, pack_weights, unpack_weights
+from actors.replica import WeightsOnlyReplicaActor
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def test_pack_unpack_round_trip_without_pickles():
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).to(torch.bfloat16),
+               "i64": torch.arange(6).reshape(2, 3), "flag": torch.tensor([True, False]),
+               "empty": torch.zeros(0, 7)}
+    packed = pack_weights(tensors)
+    assert packed.dtype == np.uint8
+    back = unpack_weights(packed)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name], t)
+    assert checksum_of(packed) == checksum_of(bytes(packed))
+    standard = safetensors_load(bytes(packed))              # a valid safetensors file
+    assert all(torch.equal(standard[name], t) for name, t in tensors.items())
+
+
+@pytest.mark.parametrize("bad, reason", [(b"\x01", "too short"),
+                                         (b"\xff" * 8 + b"{}", "exceeds the buffer")])
+def test_unpack_rejects_garbage(bad, reason):
+    with pytest.raises(ValueError, match=reason):
+        unpack_weights(bad)
+
+
+@pytest.mark.integration
+def test_publish_reaches_every_replica_and_late_ones_catch_up(ray_session):
+    model = small_model()
+    replicas = [WeightsOnlyReplicaActor.options(num_cpus=0.25).remote(small_model) for _ in range(2)]
+    late = None
+    try:
+        publisher = WeightPublisher(replicas)
+        for step in range(3):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            weights = publisher.publish(model.state_dict())
+            assert weights.version == step + 1
+        versions = publisher.wait_applied(timeout_s=60)
+        assert set(versions.values()) == {3}           # every replica ends on the latest version
+        assert publisher.errors() == []
+        assert ray.get([r.version.remote() for r in replicas], timeout=30) == [3, 3]
+        assert weights.checksum == checksum_of(ray.get(weights.ref))
+
+        late = WeightsOnlyReplicaActor.options(num_cpus=0.25).remote(small_model)
+        publisher.add_replica(late)                    # missed versions 1-3: gets 3 at once
+        assert publisher.wait_applied(timeout_s=60)[late._actor_id.hex()] == 3
+        assert ray.get(late.version.remote(), timeout=30) == 3
+
+        # a rollback re-serves version 2's bytes as version 4; an observer gets versions but is no replica
+        observer = late
+        publisher.set_replicas(replicas)
+        publisher.add_observer(observer)
+        publisher.set_replicas(replicas)               # observers survive set_replicas
+        second = publisher.history[2]
+        rolled = publisher.republish(2)
+        assert rolled.version == 4 and rolled.checksum == second.checksum
+        assert set(publisher.wait_applied(timeout_s=60).values()) == {4}
+        assert observer._actor_id.hex() not in publisher.replica_versions()
+        assert ray.get(observer.version.remote(), timeout=30) == 4
+        with pytest.raises(ValueError, match="no longer kept"):
+            WeightPublisher(keep_versions=1).republish(1)
+
+        behind = WeightPublisher([replicas[0]])        # a publisher whose versions are not newer
+        behind.publish(model.state_dict())
+        behind.wait_applied(timeout_s=60)
+        assert any("not newer" in e for e in behind.errors())
+        assert ray.get(replicas[0].version.remote(), timeout=30) == 4
+    finally:
+        for r in replicas + ([late] if late is not None else []):
+            ray.kill(r)
