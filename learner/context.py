@@ -68,7 +68,7 @@ class ContextEmbedder(nn.Module):
 
     def forward(self, ctx: ContextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = ctx.mask.shape
-        sem = self.semantic(ctx.semantic_ids + self.level_offset).reshape(b, t, -1)  # (B, T, 3e)
+        sem = self.semantic(ctx.semantic_ids + self.level_offset).reshape(b, t, 3 * self.cfg.embed_dim)  # (B, T, 3e)
         feats = torch.cat([self.item_hash(ctx.item_hash), sem, self.duration(ctx.duration_bucket),
                            self.play(ctx.play_bucket), self.flags(ctx.flags), self.segment(ctx.segment),
                            self.recency(recency_bucket(ctx))], dim=-1)              # (B, T, 9e)

@@ -101,3 +101,14 @@ def test_moe_model_top1_is_exhaustive_argmax(setup):
         recs = beam_search(model, ctx, tok.trie(), beam_width=512, top_k=1)
         brute = all_item_logprobs(model, tok, ctx)
     assert (recs.item_ids[:, 0] == torch.from_numpy(tok.item_ids)[brute.argmax(1)]).all()
+
+
+def test_profile_only_context_is_served(setup):
+    """A brand-new user has profile fields and no behaviour yet: the model still recommends."""
+    model, tok, _ = setup
+    empty = {"item_id": [], "duration_s": [], "play_time_s": [], "flags": []}
+    ctx = build_context_batch([{"profile": [1] * CFG.profile_fields, "short": empty, "long": empty}], tok, CFG)
+    assert ctx.mask.shape[1] == 0 or not ctx.mask.any()
+    recs = beam_search(model, ctx, tok.trie(), beam_width=16, top_k=5)
+    assert recs.item_ids.shape == (1, 5) and torch.isfinite(recs.logprobs).all()
+    assert torch.allclose(recs.logprobs[0], model.item_logprob(ctx.index_select([0] * 5), recs.semantic_ids[0]), atol=1e-4)
