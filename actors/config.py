@@ -19,8 +19,10 @@ class LoopConfig:
     versions_kept: int = 4                 # published versions kept in the object store (rollback targets)
     drift_monitor: bool = True             # `onerec run` starts the drift monitor (actors/drift.py)
     init_from: str = "runs/pretrain"       # start weights (+ tokenizer) from here if a checkpoint exists
-    beam_width: int = 8
+    beam_width: int = 32                   # candidates per request; the k shown are drawn from them
     top_k: int = 4                         # items per recommendation request
+    explore_temperature: float = 1.0       # 0 = greedy top-k; 1 = sample the k from pi over the beam
+                                           # (exposures ~ pi_old, as GBPO assumes; greedy collapses)
     bridge_host: str = "127.0.0.1"
     bridge_port: int = 8311
     api_token: str | None = None           # bearer token guarding the bridge; None = open (loopback default)
@@ -55,7 +57,7 @@ class LoopConfig:
         for name in positive_floats:
             if float(getattr(self, name)) <= 0:
                 raise ValueError(f"loop.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("duration_s", "learner_num_gpus", "replica_num_gpus"):
+        for name in ("duration_s", "learner_num_gpus", "replica_num_gpus", "explore_temperature"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"loop.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.top_k > self.beam_width:

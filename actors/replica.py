@@ -25,7 +25,7 @@ import ray
 import torch
 
 from actors.publisher import load_checked, pack_weights
-from learner.beam import beam_search
+from learner.beam import beam_search, sample_from_beam
 from learner.config import ModelConfig
 from learner.features import build_context_batch
 from learner.model import LazyDecoder
@@ -72,10 +72,12 @@ class ServingReplica:
         with self._lock:
             self._in_use[id(snap.model)] -= 1
 
-    def recommend(self, contexts: list[dict], *, top_k: int, beam_width: int) -> dict:
+    def recommend(self, contexts: list[dict], *, top_k: int, beam_width: int, temperature: float = 0.0) -> dict:
         """Top-k items per context by constrained beam search over the tokenizer's trie.
 
-        Returns {item_ids (B, k), semantic_ids (B, k, 3), logprobs (B, k), model_version} as lists;
+        temperature 0 serves the beam's greedy top-k; above 0 the k items are sampled without
+        replacement from the beam's candidates (`learner.beam.sample_from_beam`), so exposures are
+        draws from the policy, as GBPO assumes. Returns {item_ids (B, k), semantic_ids (B, k, 3), logprobs (B, k), model_version} as lists;
         logprobs are log pi_old of generating each item (what the impression logs for GBPO).
         """
         if self.tokenizer is None or self.model_cfg is None:
@@ -88,7 +90,10 @@ class ServingReplica:
         snap = self._acquire()
         try:
             with torch.inference_mode():
-                recs = beam_search(snap.model, ctx, self.trie, beam_width=beam_width, top_k=top_k)
+                recs = beam_search(snap.model, ctx, self.trie, beam_width=beam_width,
+                                   top_k=beam_width if temperature > 0 else top_k)
+            if temperature > 0:
+                recs = sample_from_beam(recs, top_k=top_k, temperature=temperature)
         finally:
             self._release(snap)
         self.requests_served += len(contexts)
@@ -149,8 +154,8 @@ class ReplicaActor:
                                       version=0, device=device)
         self.replica.apply_weights(version, weights, checksum)
 
-    def recommend(self, contexts: list[dict], top_k: int, beam_width: int) -> dict:
-        return self.replica.recommend(contexts, top_k=top_k, beam_width=beam_width)
+    def recommend(self, contexts: list[dict], top_k: int, beam_width: int, temperature: float = 0.0) -> dict:
+        return self.replica.recommend(contexts, top_k=top_k, beam_width=beam_width, temperature=temperature)
 
     def apply_weights(self, version: int, weights: np.ndarray, checksum: int) -> int:
         return self.replica.apply_weights(version, weights, checksum)

@@ -75,12 +75,13 @@ class ReplicaPool:
         start = next(self._counter) % len(handles)
         return handles[start:] + handles[:start]
 
-    async def recommend(self, contexts: list[dict], *, top_k: int, beam_width: int, timeout_s: float) -> dict:
+    async def recommend(self, contexts: list[dict], *, top_k: int, beam_width: int, timeout_s: float,
+                        temperature: float = 0.0) -> dict:
         """One replica call, retried on the next replica when one dies or times out."""
         errors = []
         for handle in self.order():
             try:
-                return await asyncio.wait_for(handle.recommend.remote(contexts, top_k, beam_width), timeout_s)
+                return await asyncio.wait_for(handle.recommend.remote(contexts, top_k, beam_width, temperature), timeout_s)
             except RayActorError as exc:   # died (or unreachable): drop it; the driver replaces it
                 self.failures += 1
                 self.remove(handle)
@@ -197,6 +198,7 @@ class ServingBridge:
         context = context if context is not None else self.views.context(user_id)
         start = time.perf_counter()
         served = await self.pool.recommend([context], top_k=top_k, beam_width=self.loop_cfg.beam_width,
+                                           temperature=self.loop_cfg.explore_temperature,
                                            timeout_s=self.loop_cfg.request_timeout_s)
         request_id = uuid.uuid4().hex
         version = int(served["model_version"])

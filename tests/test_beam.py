@@ -112,3 +112,25 @@ def test_profile_only_context_is_served(setup):
     recs = beam_search(model, ctx, tok.trie(), beam_width=16, top_k=5)
     assert recs.item_ids.shape == (1, 5) and torch.isfinite(recs.logprobs).all()
     assert torch.allclose(recs.logprobs[0], model.item_logprob(ctx.index_select([0] * 5), recs.semantic_ids[0]), atol=1e-4)
+
+
+def test_sampling_from_beam_follows_pi_and_greedy_at_zero():
+    from learner.beam import Recommendations, sample_from_beam
+
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    recs = Recommendations(item_ids=torch.tensor([[10, 11, 12, 13]]),
+                           semantic_ids=torch.arange(12).view(1, 4, 3), logprobs=p.log())
+    greedy = sample_from_beam(recs, top_k=2, temperature=0.0)
+    assert greedy.item_ids.tolist() == [[10, 11]] and greedy.semantic_ids.tolist() == [[[0, 1, 2], [3, 4, 5]]]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_from_beam(recs.__class__(recs.item_ids.expand(500, 4), recs.semantic_ids.expand(500, 4, 3),
+                                                         recs.logprobs.expand(500, 4)), top_k=1, temperature=1.0,
+                                          generator=gen).item_ids[:, 0] for _ in range(20)]).flatten()
+    freq = torch.stack([(draws == i).float().mean() for i in (10, 11, 12, 13)])
+    assert torch.allclose(freq, p[0], atol=0.02)                  # sampling, not argmax
+    two = sample_from_beam(recs, top_k=4, temperature=1.0, generator=gen)
+    assert sorted(two.item_ids[0].tolist()) == [10, 11, 12, 13]  # without replacement
+    picked = two.item_ids[0].tolist()
+    assert torch.allclose(two.logprobs[0], p[0, [i - 10 for i in picked]].log())  # pi_old stays log pi(item)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_from_beam(recs, top_k=1, temperature=-1.0)

@@ -121,3 +121,16 @@ def test_replica_actor_serves_and_swaps(ray_session, setup):
         assert ray.get(actor.recommend.remote(contexts[:1], 3, 6), timeout=60)["model_version"] == 2
     finally:
         ray.kill(actor)
+
+
+def test_sampled_serving_explores_beyond_the_greedy_top_k(setup):
+    cfg, tok, contexts = setup
+    replica = make_replica(cfg, tok)
+    greedy = {tuple(replica.recommend(contexts[:1], top_k=2, beam_width=16)["item_ids"][0]) for _ in range(5)}
+    assert len(greedy) == 1                                               # deterministic
+    sampled = [replica.recommend(contexts[:1], top_k=2, beam_width=16, temperature=1.0) for _ in range(30)]
+    shown = {i for out in sampled for i in out["item_ids"][0]}
+    assert len(shown) > 2                                                 # draws vary across requests
+    for out in sampled:
+        codes = tok.codes_for(out["item_ids"][0]).tolist()
+        assert codes == out["semantic_ids"][0] and len(set(out["item_ids"][0])) == 2
