@@ -1,0 +1,161 @@
+"""Benchmark: the KuaiRand week through the embedded broker and the Faust join; prints one JSON object.
+
+    python bench/stream.py                      # the whole week (~225k events)
+    python bench/stream.py --limit 20000        # a quick run
+
+Phases, all in one run against one fresh broker:
+  1. publish: `onerec replay` of the week into impressions + feedback, as fast as it goes.
+  2. raw consume (the baseline): aiokafka - the client Faust itself uses - reads both topics from the
+     beginning, decoding nothing: `raw_consume_events_per_s`.
+  3. join: the worker (a subprocess) starts on the backlog; `joined_events_per_s` = input events
+     (impressions + feedback) / (last sample - first sample, by the samples' broker timestamps).
+  4. delay: with the worker caught up, a slice of the week is replayed again (shifted a week later
+     in event time) at `--speedup`; p50/p99 of (sample timestamp - its feedback's publish time).
+Targets: joined >= 10,000 events/s per worker and >= 25 % of the raw consume rate.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from infra.broker import EmbeddedBroker, free_port  # noqa: E402
+from streaming.client import WorkerProcess  # noqa: E402
+from streaming.config import StreamConfig  # noqa: E402
+from streaming.replay import replay  # noqa: E402
+from streaming.topics import ensure_topics, topic_name  # noqa: E402
+
+WEEK_S = 7 * 24 * 3600.0
+
+
+async def raw_consume(cfg: StreamConfig, expected: int, timeout_s: float) -> tuple[int, float]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic_name(cfg, k), p) for k in ("impressions", "feedback") for p in range(cfg.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        n, start = 0, time.perf_counter()
+        while n < expected and time.perf_counter() - start < timeout_s:
+            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            n += sum(len(b) for b in batches.values())
+        return n, time.perf_counter() - start
+    finally:
+        await consumer.stop()
+
+
+class SampleWatcher(threading.Thread):
+    """Reads the samples topic from the beginning; keeps (request_id, item_id) -> broker timestamp (s)."""
+
+    def __init__(self, cfg: StreamConfig):
+        super().__init__(daemon=True)
+        self.cfg, self.stamps, self.stop_flag = cfg, {}, threading.Event()
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(bootstrap_servers=self.cfg.bootstrap_servers, group_id=None,
+                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 max_partition_fetch_bytes=8 * 1024 * 1024)
+        try:
+            tps = [TopicPartition(topic_name(self.cfg, "samples"), p) for p in range(self.cfg.partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning()
+            while not self.stop_flag.is_set():
+                for batch in consumer.poll(timeout_ms=200, max_records=20_000).values():
+                    for r in batch:
+                        # the id sits at the front of the record: no need to parse the context
+                        s = orjson.loads(r.value)
+                        self.stamps.setdefault((s["request_id"], s["item_id"]), r.timestamp / 1000.0)
+        finally:
+            consumer.close()
+
+    def wait_for(self, n: int, timeout_s: float, worker: WorkerProcess) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and worker.alive():
+            if len(self.stamps) >= n:
+                return True
+            time.sleep(0.2)
+        return len(self.stamps) >= n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, help="rows of the week to use (default: all)")
+    parser.add_argument("--delay-rows", type=int, default=5000, help="rows replayed live for the delay phase")
+    parser.add_argument("--speedup", type=float, default=2000.0, help="event time / wall time in the delay phase")
+    parser.add_argument("--timeout-s", type=float, default=900.0)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="onerec-bench-stream-"))
+    broker = EmbeddedBroker(port=free_port(), log_path=tmp / "tansu.log").start()
+    cfg = StreamConfig(bootstrap_servers=broker.bootstrap, namespace="bench", partitions=2,
+                       session_timeout_ms=2000, idle_close_s=3.0, tick_interval_s=0.5)
+    worker = WorkerProcess(cfg, log_path=tmp / "worker.log", loglevel="warning")
+    result: dict = {"broker": "tansu (embedded, memory)", "partitions": cfg.partitions, "workers": 1,
+                    "cpu_count": os.cpu_count()}
+    try:
+        ensure_topics(cfg)
+        # 1. publish the week
+        summary = replay(cfg, None, limit=args.limit, progress=True)
+        n_events = summary.impressions + summary.feedback
+        result.update(rows=summary.rows, impressions=summary.impressions, feedback=summary.feedback,
+                      publish_events_per_s=summary.events_per_s)
+        # 2. the baseline: the same client Faust uses, same topics, no processing
+        n_read, raw_s = asyncio.run(raw_consume(cfg, n_events, args.timeout_s))
+        if n_read < n_events:
+            raise RuntimeError(f"raw consumer read {n_read} of {n_events} events")
+        result["raw_consume_events_per_s"] = round(n_read / raw_s, 1)
+        # 3. the join on the backlog
+        watcher = SampleWatcher(cfg)
+        watcher.start()
+        worker.start()
+        if not watcher.wait_for(summary.rows, args.timeout_s, worker):
+            raise RuntimeError(f"only {len(watcher.stamps)} of {summary.rows} samples; worker log:\n{worker.log_text()}")
+        stamps = np.asarray(sorted(watcher.stamps.values()))
+        join_s = float(stamps[-1] - stamps[0])
+        result["samples"] = len(watcher.stamps)
+        result["joined_events_per_s"] = round(n_events / join_s, 1)
+        result["samples_per_s"] = round(len(stamps) / join_s, 1)
+        result["joined_vs_raw"] = round(result["joined_events_per_s"] / result["raw_consume_events_per_s"], 3)
+        # 4. delay, live, a week later in event time
+        published: dict = {}
+
+        def on_event(kind, event, wall):
+            if kind == "feedback":
+                published[(event["request_id"], event["item_id"])] = wall
+
+        live = replay(cfg, None, limit=args.delay_rows, speedup=args.speedup, progress=False, on_event=on_event,
+                      request_prefix="live", ts_offset_s=WEEK_S + 86400.0)
+        want = result["samples"] + live.rows
+        watcher.wait_for(want, 120.0, worker)
+        delays = np.asarray([watcher.stamps[k] - t for k, t in published.items() if k in watcher.stamps])
+        result.update(delay_rows=live.rows, delay_speedup=args.speedup, delay_samples=int(delays.size),
+                      feedback_to_sample_p50_s=round(float(np.percentile(delays, 50)), 3) if delays.size else None,
+                      feedback_to_sample_p99_s=round(float(np.percentile(delays, 99)), 3) if delays.size else None)
+        result["target_met"] = bool(result["joined_events_per_s"] >= 10_000 and result["joined_vs_raw"] >= 0.25)
+        watcher.stop_flag.set()
+        watcher.join(timeout=10)
+    finally:
+        worker.stop()
+        broker.stop()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

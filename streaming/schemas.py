@@ -1,0 +1,352 @@
+"""The event schemas of docs/interfaces.md: impressions, feedback, samples, dead-letters.
+
+Invariant: every event that leaves `decode_*` is fully valid (types, ranges, required fields);
+anything else raises `SchemaError` whose `.reason` names the offending field, and which the Faust
+agents turn into a dead letter with the original bytes. Events are plain dicts (TypedDicts below),
+encoded with orjson; `encode_*` validates too, so a producer cannot put a bad event on a topic.
+
+One deliberate extension of interfaces.md: `semantic_id` of an impression item may be null for
+`source == "legacy"` traffic (replayed logs carry no tokenizer); the sample then has
+`semantic_id: null` and the learner tokenizes the item itself.
+"""
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any, Literal, TypedDict
+
+import orjson
+
+SOURCES = ("onerec", "legacy")
+FLAG_BITS = {"like": 1, "follow": 2, "comment": 4, "forward": 8, "collect": 16, "dislike": 32, "long_view": 64}
+OPTIONAL_ACTIONS = ("like", "follow", "comment", "forward", "collect")
+MAX_FLAGS = 127
+
+
+class SchemaError(ValueError):
+    """An event that does not match its schema; `reason` names the field."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Behaviour(TypedDict):
+    item_id: list[int]
+    duration_s: list[float]
+    play_time_s: list[float]
+    flags: list[int]
+
+
+class UserContext(TypedDict):
+    profile: list[int]
+    short: Behaviour
+    long: Behaviour
+
+
+class ShownItem(TypedDict):
+    item_id: int
+    semantic_id: list[int] | None
+    duration_s: float
+    logprob: float | None
+
+
+class Impression(TypedDict):
+    request_id: str
+    user_id: int
+    ts: float
+    model_version: int
+    source: Literal["onerec", "legacy"]
+    context: UserContext
+    items: list[ShownItem]
+
+
+class Feedback(TypedDict, total=False):
+    request_id: str
+    user_id: int
+    item_id: int
+    ts: float
+    play_time_s: float
+    dislike: bool
+    like: bool
+    follow: bool
+    comment: bool
+    forward: bool
+    collect: bool
+
+
+class Sample(TypedDict):
+    request_id: str
+    user_id: int
+    item_id: int
+    ts: float
+    model_version: int
+    source: str
+    context: UserContext
+    semantic_id: list[int] | None
+    duration_s: float
+    logprob: float | None
+    feedback: Feedback | None
+    q: float | None
+    duration_bucket: int
+
+
+class DeadLetter(TypedDict):
+    topic: str
+    reason: str
+    original: str   # base64 of the original bytes
+    ts: float
+
+
+# --- field checks: each returns the clean value or raises SchemaError naming the field
+
+def _int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SchemaError(f"{name} must be an integer, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise SchemaError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, name: str, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SchemaError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise SchemaError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise SchemaError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise SchemaError(f"{name} must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SchemaError(f"{name} must be a non-empty string")
+    return value
+
+
+def _require(event: dict, name: str, where: str = "") -> Any:
+    if name not in event:
+        raise SchemaError(f"{where}{name} is required")
+    return event[name]
+
+
+def _object(raw: bytes | dict, kind: str) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        event = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError) as exc:
+        raise SchemaError(f"{kind}: not valid JSON ({exc})") from None
+    if not isinstance(event, dict):
+        raise SchemaError(f"{kind}: must be a JSON object, got {type(event).__name__}")
+    return event
+
+
+def _behaviour(value: Any, name: str) -> Behaviour:
+    if not isinstance(value, dict):
+        raise SchemaError(f"{name} must be an object with item_id, duration_s, play_time_s, flags")
+    out = {}
+    for key in ("item_id", "duration_s", "play_time_s", "flags"):
+        seq = _require(value, key, f"{name}.")
+        if not isinstance(seq, list):
+            raise SchemaError(f"{name}.{key} must be a list")
+        out[key] = seq
+    n = len(out["item_id"])
+    for key, seq in out.items():
+        if len(seq) != n:
+            raise SchemaError(f"{name}.{key} has length {len(seq)}, {name}.item_id has {n}")
+    if n and _behaviour_ok(out):
+        return out  # type: ignore[return-value]
+    for i in range(n):   # slow path: find and name the bad element
+        _int(out["item_id"][i], f"{name}.item_id[{i}]", minimum=0)
+        _float(out["duration_s"][i], f"{name}.duration_s[{i}]", minimum=0.0)
+        _float(out["play_time_s"][i], f"{name}.play_time_s[{i}]", minimum=0.0)
+        flags = _int(out["flags"][i], f"{name}.flags[{i}]", minimum=0)
+        if flags > MAX_FLAGS:
+            raise SchemaError(f"{name}.flags[{i}] must be <= {MAX_FLAGS}, got {flags}")
+    return out  # type: ignore[return-value]
+
+
+def _behaviour_ok(b: dict) -> bool:
+    """Fast whole-list check (the hot path of the join); False sends the caller to the slow path."""
+    ids, flags = b["item_id"], b["flags"]
+    if not (all(type(v) is int for v in ids) and all(type(v) is int for v in flags)):
+        return False
+    if min(ids) < 0 or min(flags) < 0 or max(flags) > MAX_FLAGS:
+        return False
+    for key in ("duration_s", "play_time_s"):
+        seq = b[key]
+        if not all(type(v) is float or type(v) is int for v in seq):
+            return False
+        if min(seq) < 0 or not math.isfinite(sum(seq)):
+            return False
+    return True
+
+
+def validate_context(context: Any, name: str = "context") -> UserContext:
+    """The user context of interfaces.md; at least one token (the profile counts)."""
+    if not isinstance(context, dict):
+        raise SchemaError(f"{name} must be an object with profile, short, long")
+    profile = _require(context, "profile", f"{name}.")
+    if not isinstance(profile, list):
+        raise SchemaError(f"{name}.profile must be a list of integers")
+    for i, v in enumerate(profile):
+        _int(v, f"{name}.profile[{i}]", minimum=0)
+    short = _behaviour(_require(context, "short", f"{name}."), f"{name}.short")
+    long = _behaviour(_require(context, "long", f"{name}."), f"{name}.long")
+    if not profile and not short["item_id"] and not long["item_id"]:
+        raise SchemaError(f"{name} must have at least one token (profile, short or long)")
+    return context  # type: ignore[return-value]
+
+
+def _semantic_id(value: Any, name: str, *, nullable: bool) -> list[int] | None:
+    if value is None:
+        if nullable:
+            return None
+        raise SchemaError(f"{name} is required for source 'onerec'")
+    if not isinstance(value, list) or len(value) != 3:
+        raise SchemaError(f"{name} must be a list of 3 integers")
+    for level, v in enumerate(value):
+        _int(v, f"{name}[{level}]", minimum=0)
+    return value
+
+
+def validate_impression(event: dict) -> Impression:
+    _str(_require(event, "request_id"), "request_id")
+    _int(_require(event, "user_id"), "user_id", minimum=0)
+    _float(_require(event, "ts"), "ts", minimum=0.0)
+    _int(_require(event, "model_version"), "model_version", minimum=0)
+    source = _require(event, "source")
+    if source not in SOURCES:
+        raise SchemaError(f"source must be one of {SOURCES}, got {source!r}")
+    validate_context(_require(event, "context"))
+    items = _require(event, "items")
+    if not isinstance(items, list) or not items:
+        raise SchemaError("items must be a non-empty list")
+    seen: set[int] = set()
+    for i, item in enumerate(items):
+        where = f"items[{i}]."
+        if not isinstance(item, dict):
+            raise SchemaError(f"items[{i}] must be an object")
+        item_id = _int(_require(item, "item_id", where), f"{where}item_id", minimum=0)
+        if item_id in seen:
+            raise SchemaError(f"{where}item_id {item_id} is shown twice in one request")
+        seen.add(item_id)
+        _semantic_id(item.get("semantic_id"), f"{where}semantic_id", nullable=source == "legacy")
+        _float(_require(item, "duration_s", where), f"{where}duration_s", minimum=0.0)
+        logprob = item.get("logprob")
+        if source == "onerec":
+            if logprob is None:
+                raise SchemaError(f"{where}logprob is required for source 'onerec'")
+            if _float(logprob, f"{where}logprob") > 0:
+                raise SchemaError(f"{where}logprob must be <= 0, got {logprob}")
+        elif logprob is not None:
+            raise SchemaError(f"{where}logprob must be null for source 'legacy'")
+    return event  # type: ignore[return-value]
+
+
+def validate_feedback(event: dict) -> Feedback:
+    _str(_require(event, "request_id"), "request_id")
+    _int(_require(event, "user_id"), "user_id", minimum=0)
+    _int(_require(event, "item_id"), "item_id", minimum=0)
+    _float(_require(event, "ts"), "ts", minimum=0.0)
+    _float(_require(event, "play_time_s"), "play_time_s", minimum=0.0)
+    _bool(_require(event, "dislike"), "dislike")
+    for name in OPTIONAL_ACTIONS:
+        if name in event:
+            _bool(event[name], name)
+    return event  # type: ignore[return-value]
+
+
+def validate_sample(event: dict) -> Sample:
+    for name in ("request_id", "source"):
+        _str(_require(event, name), name)
+    _int(_require(event, "user_id"), "user_id", minimum=0)
+    _int(_require(event, "item_id"), "item_id", minimum=0)
+    _float(_require(event, "ts"), "ts", minimum=0.0)
+    _int(_require(event, "model_version"), "model_version", minimum=0)
+    validate_context(_require(event, "context"))
+    _semantic_id(_require(event, "semantic_id"), "semantic_id", nullable=event["source"] == "legacy")
+    _float(_require(event, "duration_s"), "duration_s", minimum=0.0)
+    if _require(event, "logprob") is not None:
+        _float(event["logprob"], "logprob")
+    feedback = _require(event, "feedback")
+    if feedback is not None:
+        validate_feedback(feedback)
+    q = _require(event, "q")
+    if q is not None:
+        q = _float(q, "q", minimum=0.0)
+        if q > 1.0:
+            raise SchemaError(f"q must be <= 1, got {q}")
+    if (feedback is None) != (q is None):
+        raise SchemaError("q must be set exactly when feedback is set")
+    _int(_require(event, "duration_bucket"), "duration_bucket")
+    return event  # type: ignore[return-value]
+
+
+def decode_impression(raw: bytes | dict) -> Impression:
+    return validate_impression(_object(raw, "impression"))
+
+
+def decode_feedback(raw: bytes | dict) -> Feedback:
+    return validate_feedback(_object(raw, "feedback"))
+
+
+def decode_sample(raw: bytes | dict) -> Sample:
+    return validate_sample(_object(raw, "sample"))
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    event = _object(raw, "dead letter")
+    _str(_require(event, "topic"), "topic")
+    _str(_require(event, "reason"), "reason")
+    original = _require(event, "original")
+    if not isinstance(original, str):
+        raise SchemaError("original must be a base64 string")
+    _float(_require(event, "ts"), "ts", minimum=0.0)
+    return event  # type: ignore[return-value]
+
+
+def encode_impression(event: Impression) -> bytes:
+    return orjson.dumps(validate_impression(event))
+
+
+def encode_feedback(event: Feedback) -> bytes:
+    return orjson.dumps(validate_feedback(event))
+
+
+def encode_sample(event: Sample) -> bytes:
+    return orjson.dumps(validate_sample(event))
+
+
+def dead_letter(*, topic: str, reason: str, original: bytes, ts: float) -> DeadLetter:
+    return {"topic": topic, "reason": reason, "original": base64.b64encode(original).decode("ascii"), "ts": ts}
+
+
+def encode_dead_letter(event: DeadLetter) -> bytes:
+    return orjson.dumps(event)
+
+
+def dead_letter_original(event: DeadLetter) -> bytes:
+    return base64.b64decode(event["original"])
+
+
+def sample_id(sample: Sample) -> tuple[str, int]:
+    """The identity of a sample: at-least-once delivery may repeat it, consumers dedupe on this."""
+    return sample["request_id"], sample["item_id"]
+
+
+def feedback_flags(feedback: Feedback) -> int:
+    """Bitmask of interfaces.md (1 like ... 32 dislike) for a feedback event; 64 long view is not in it."""
+    flags = FLAG_BITS["dislike"] if feedback.get("dislike") else 0
+    for name in OPTIONAL_ACTIONS:
+        if feedback.get(name):
+            flags |= FLAG_BITS[name]
+    return flags

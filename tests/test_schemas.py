@@ -1,0 +1,128 @@
+"""Event schemas: valid events round-trip; every bad field raises SchemaError naming it."""
+import copy
+
+import orjson
+import pytest
+
+from streaming import schemas
+from streaming.schemas import SchemaError
+
+BEH = {"item_id": [12, 99], "duration_s": [31.0, 8.5], "play_time_s": [30.2, 1.0], "flags": [1, 0]}
+EMPTY = {"item_id": [], "duration_s": [], "play_time_s": [], "flags": []}
+
+
+def impression(**over):
+    event = {"request_id": "r1", "user_id": 7, "ts": 1700000000.5, "model_version": 4, "source": "onerec",
+             "context": {"profile": [3, 0, 17, 5], "short": copy.deepcopy(BEH), "long": copy.deepcopy(EMPTY)},
+             "items": [{"item_id": 5, "semantic_id": [1, 2, 3], "duration_s": 12.0, "logprob": -1.5},
+                       {"item_id": 6, "semantic_id": [1, 2, 4], "duration_s": 40.0, "logprob": -2.0}]}
+    event.update(over)
+    return event
+
+
+def feedback(**over):
+    event = {"request_id": "r1", "user_id": 7, "item_id": 5, "ts": 1700000003.0, "play_time_s": 10.0,
+             "dislike": False, "like": True}
+    event.update(over)
+    return event
+
+
+def test_roundtrip():
+    imp, fb = impression(), feedback()
+    assert schemas.decode_impression(schemas.encode_impression(imp)) == imp
+    assert schemas.decode_feedback(schemas.encode_feedback(fb)) == fb
+    sample = {"request_id": "r1", "user_id": 7, "item_id": 5, "ts": imp["ts"], "model_version": 4, "source": "onerec",
+              "context": imp["context"], "semantic_id": [1, 2, 3], "duration_s": 12.0, "logprob": -1.5,
+              "feedback": fb, "q": 0.75, "duration_bucket": 3}
+    assert schemas.decode_sample(schemas.encode_sample(sample)) == sample
+    assert schemas.sample_id(sample) == ("r1", 5)
+    letter = schemas.dead_letter(topic="feedback", reason="x must be y", original=b"\x00\xffbytes", ts=1.0)
+    decoded = schemas.decode_dead_letter(schemas.encode_dead_letter(letter))
+    assert schemas.dead_letter_original(decoded) == b"\x00\xffbytes"
+
+
+def test_legacy_traffic_has_null_logprob_and_may_have_null_semantic_id():
+    imp = impression(source="legacy", items=[{"item_id": 5, "semantic_id": None, "duration_s": 3.0, "logprob": None}])
+    assert schemas.decode_impression(orjson.dumps(imp)) == imp
+    with pytest.raises(SchemaError, match=r"items\[0\]\.logprob must be null for source 'legacy'"):
+        schemas.decode_impression(orjson.dumps(impression(source="legacy")))
+    with pytest.raises(SchemaError, match=r"items\[0\]\.semantic_id is required for source 'onerec'"):
+        schemas.decode_impression(orjson.dumps(impression(items=[{"item_id": 5, "semantic_id": None,
+                                                                    "duration_s": 3.0, "logprob": -1.0}])))
+
+
+def _with(event, path, value):
+    event = copy.deepcopy(event)
+    target = event
+    for part in path[:-1]:
+        target = target[part]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return event
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("request_id",), KeyError, "request_id is required"),
+    (("request_id",), "", "request_id must be a non-empty string"),
+    (("user_id",), -3, "user_id must be >= 0"),
+    (("user_id",), "7", "user_id must be an integer"),
+    (("ts",), float("nan"), "ts must be finite"),
+    (("model_version",), True, "model_version must be an integer"),
+    (("source",), "other", "source must be one of"),
+    (("context", "profile", 1), -1, r"context.profile\[1\] must be >= 0"),
+    (("context", "short", "flags"), [1], "context.short.flags has length 1"),
+    (("context", "short", "play_time_s", 0), -1.0, r"context.short.play_time_s\[0\] must be >= 0"),
+    (("context", "short", "flags", 1), 128, r"context.short.flags\[1\] must be <= 127"),
+    (("context", "long"), KeyError, "context.long is required"),
+    (("items",), [], "items must be a non-empty list"),
+    (("items", 1, "item_id"), 5, r"items\[1\].item_id 5 is shown twice"),
+    (("items", 0, "semantic_id"), [1, 2], r"items\[0\].semantic_id must be a list of 3"),
+    (("items", 0, "semantic_id", 2), -4, r"items\[0\].semantic_id\[2\] must be >= 0"),
+    (("items", 0, "duration_s"), "long", r"items\[0\].duration_s must be a number"),
+    (("items", 1, "logprob"), 0.5, r"items\[1\].logprob must be <= 0"),
+    (("items", 1, "logprob"), None, r"items\[1\].logprob is required for source 'onerec'"),
+])
+def test_impression_errors_name_the_field(path, value, message):
+    with pytest.raises(SchemaError, match=message) as info:
+        schemas.decode_impression(_with(impression(), path, value))
+    assert info.value.reason == str(info.value)
+
+
+def test_context_needs_a_token():
+    ctx = {"profile": [], "short": EMPTY, "long": EMPTY}
+    with pytest.raises(SchemaError, match="at least one token"):
+        schemas.validate_context(ctx)
+    schemas.validate_context({"profile": [], "short": BEH, "long": EMPTY})
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("item_id",), KeyError, "item_id is required"),
+    (("play_time_s",), -0.1, "play_time_s must be >= 0"),
+    (("play_time_s",), float("inf"), "play_time_s must be finite"),
+    (("dislike",), 0, "dislike must be a boolean"),
+    (("like",), "yes", "like must be a boolean"),
+])
+def test_feedback_errors_name_the_field(path, value, message):
+    with pytest.raises(SchemaError, match=message):
+        schemas.decode_feedback(_with(feedback(), path, value))
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"", "not valid JSON"),
+])
+def test_malformed_bytes(raw, message):
+    with pytest.raises(SchemaError, match=message):
+        schemas.decode_feedback(raw)
+
+
+def test_encode_refuses_bad_events():
+    with pytest.raises(SchemaError, match="user_id"):
+        schemas.encode_feedback(feedback(user_id=None))
+
+
+def test_feedback_flags():
+    assert schemas.feedback_flags(feedback(like=True, dislike=True, forward=True)) == 1 | 32 | 8
