@@ -70,3 +70,28 @@ class LoopConfig:
             self.api_token = None
         if self.ray_address == "":
             self.ray_address = None
+
+
+@dataclass
+class DriftConfig:
+    """The `[drift]` section: thresholds of the drift monitor (actors/drift.py) and what an alert does."""
+
+    log_path: str = "runs/drift.jsonl"
+    kl_threshold: float = 3.0          # nats, mean over probe users; a reshuffled top-k scores ~ln(1/eps)/2
+    dislike_threshold: float = 0.05    # the KuaiRand log's dislike rate is 0.0007
+    min_served: int = 50               # served records with fewer samples raise no dislike alert
+    served_window: int = 500           # samples per served record (per model version)
+    positive_q: float = 0.75           # q above this and no dislike = positive (top quartile, sec. 3.1.1)
+    rollback: bool = False             # roll serving back on an alert
+    probe_top_k: int = 20
+    probe_beam_width: int = 20
+    kl_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("min_served", "served_window", "probe_top_k", "probe_beam_width"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"drift.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.probe_top_k > self.probe_beam_width:
+            raise ValueError("drift.probe_top_k must be <= drift.probe_beam_width")
+        if not 0 < self.kl_eps < 1:
+            raise ValueError(f"drift.kl_eps must be in (0, 1), got {self.kl_eps}")

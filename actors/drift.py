@@ -40,7 +40,6 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +47,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.config import DriftConfig
 from learner import metrics
 from learner.beam import beam_search
 from learner.config import ModelConfig
@@ -58,29 +58,6 @@ from learner.tokenizer import SemanticTokenizer
 log = logging.getLogger(__name__)
 
 KEEP_ACCEPTED = 8  # accepted versions remembered as references / rollback targets
-
-
-@dataclass
-class DriftConfig:
-    log_path: str = "runs/drift.jsonl"
-    kl_threshold: float = 3.0          # nats, mean over probe users; a reshuffled top-k scores ~ln(1/eps)/2
-    dislike_threshold: float = 0.05    # the KuaiRand log's dislike rate is 0.0007
-    min_served: int = 50               # served records with fewer samples raise no dislike alert
-    served_window: int = 500           # samples per served record (per model version)
-    positive_q: float = 0.75           # q above this and no dislike = positive (top quartile, sec. 3.1.1)
-    rollback: bool = False             # roll serving back on an alert
-    probe_top_k: int = 20
-    probe_beam_width: int = 20
-    kl_eps: float = 1e-4
-
-    def __post_init__(self) -> None:
-        for name in ("min_served", "served_window", "probe_top_k", "probe_beam_width"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"drift.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.probe_top_k > self.probe_beam_width:
-            raise ValueError("drift.probe_top_k must be <= drift.probe_beam_width")
-        if not 0 < self.kl_eps < 1:
-            raise ValueError(f"drift.kl_eps must be in (0, 1), got {self.kl_eps}")
 
 
 class _Exporter:
@@ -408,12 +385,13 @@ def plot_drift(rows: list[dict], path: str | Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("log", nargs="?", default=DriftConfig.log_path, help="drift JSON-lines log")
+    parser.add_argument("log", nargs="?", default=None, help="drift JSON-lines log (default: drift.log_path)")
     parser.add_argument("--plot", default=None, help="PNG path (default: the log's path with .png)")
     parser.add_argument("--json", action="store_true", help="print the table rows as one JSON list")
 
 
 def main(args: argparse.Namespace, cfg) -> int:
+    args.log = args.log or cfg.drift.log_path
     try:
         rows = drift_table(read_drift_log(args.log))
     except (OSError, ValueError, KeyError) as exc:

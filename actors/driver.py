@@ -305,17 +305,17 @@ class Loop:
 
     async def _start_drift_monitor(self) -> None:
         """The drift monitor gets every version and trained sample from the learner (actors/drift.py)."""
-        from actors.drift import DriftConfig, DriftMonitorActor
+        from actors.drift import DriftMonitorActor
 
         history = kuairand.UserHistory(short_len=self.cfg.model.max_short, long_len=self.cfg.model.max_long)
         users = [u for u in sorted(kuairand.read_user_history())
                  if kuairand.read_user_history()[u].get("watch_seq")][:32]
         probes = [history.context(u) for u in users]
         self.drift = DriftMonitorActor.options(num_cpus=self.cfg.loop.actor_num_cpus).remote(
-            self.cfg.model, self.tokenizer_bytes, probes, DriftConfig(log_path=str(self.log_dir / "drift.jsonl")),
+            self.cfg.model, self.tokenizer_bytes, probes, self.cfg.drift,
             rollback_target=self.learner)
         await self.learner.add_observer.remote(self.drift)
-        self._say(f"drift monitor: log {self.log_dir / 'drift.jsonl'}")
+        self._say(f"drift monitor: log {self.cfg.drift.log_path} (`onerec drift` shows it)")
 
     async def _new_replica(self):
         loop_cfg = self.cfg.loop

@@ -1,7 +1,7 @@
 """The one config object: every section in one dataclass, loadable from TOML, overridable on the CLI.
 
 Each package owns the dataclass of its own section (learner/config.py, streaming/config.py,
-actors/config.py, simulator/config.py); this module only composes them, so `learner`
+actors/config.py (loop and drift), simulator/config.py); this module only composes them, so `learner`
 still imports nothing of the others.
 
     cfg = Config.from_name("tiny")                       # model preset from Table 5 or "tiny"
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import LoopConfig
+from actors.config import DriftConfig, LoopConfig
 from learner.config import ModelConfig, TrainConfig
 from simulator.config import SimulatorConfig
 from streaming.config import StreamConfig
@@ -30,6 +30,7 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     @classmethod
     def from_name(cls, preset: str) -> "Config":
@@ -76,7 +77,7 @@ class Config:
 
     @staticmethod
     def section_names() -> list[str]:
-        return ["model", "train", "stream", "loop", "simulator"]
+        return ["model", "train", "stream", "loop", "simulator", "drift"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
