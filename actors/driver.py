@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -123,8 +124,15 @@ class SimulatedTraffic:
         pool = known if len(known) else self.sim.user_ids
         self.users = rng.choice(pool, size=min(cfg.loop.sim_users, len(pool)), replace=False)
         self.rng = rng
+        # the "legacy pipeline" that serves the other share of traffic: popularity-weighted draws
+        # from the KuaiRand week, as another recommender of the platform would
+        counts = np.bincount(kuairand.read_log().video_id, minlength=int(self.sim.item_ids.max()) + 1)
+        weights = counts[self.sim.item_ids].astype(np.float64) + 1.0
+        self.legacy_p = weights / weights.sum()
+        self.impressions_topic = topic_name(cfg.stream, "impressions")
         self.feedback_topic = topic_name(cfg.stream, "feedback")
-        self.stats = Counter()
+        self.stats = Counter()                            # requests, and failures by kind
+        self.legacy_requests = 0
         self.by_version: dict[int, Counter] = {}
         self.last_feedback_at: dict[str, float] = {}     # request_id -> when its feedback was sent
         self.producer = None
@@ -158,6 +166,9 @@ class SimulatedTraffic:
                     return
             next_at = max(next_at + interval, time.monotonic())
             user = int(self.rng.choice(self.users))
+            if self.rng.random() < self.cfg.loop.sim_legacy_share:
+                await self.watch(user, await self.legacy_request(user))
+                continue
             try:
                 async with session.post(f"{self.url}/recommend", json={"user_id": user},
                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
@@ -172,10 +183,27 @@ class SimulatedTraffic:
                 continue
             await self.watch(user, orjson.loads(body))
 
+    async def legacy_request(self, user: int) -> dict:
+        """Serve one request from the legacy pipeline and log it as a `legacy` impression.
+
+        Why: trained only on its own exposures, L_Gen narrows the policy onto a few items (coverage
+        0.001 after a minute, measured); in OneRec most SFT exposures come from the platform's other
+        pipelines (source "legacy", no logprob: GBPO then uses pi_old = sg(pi))."""
+        items = self.rng.choice(self.sim.item_ids, size=self.cfg.loop.top_k, replace=False, p=self.legacy_p)
+        request_id = uuid.uuid4().hex
+        impression = {"request_id": request_id, "user_id": user, "ts": time.time(), "model_version": 0,
+                      "source": "legacy", "context": self.sim.context(user),
+                      "items": [{"item_id": int(i), "semantic_id": None, "duration_s": self.sim.duration_of(int(i)),
+                                 "logprob": None} for i in items]}
+        await self.producer.send(self.impressions_topic, schemas.encode_impression(impression),
+                                 key=request_id.encode())
+        self.legacy_requests += 1
+        return {"request_id": request_id, "model_version": None, "items": impression["items"]}
+
     async def watch(self, user: int, answer: dict) -> None:
         """The user watches every shown item; one feedback event per item."""
-        version = int(answer["model_version"])
-        counts = self.by_version.setdefault(version, Counter())
+        legacy = answer["model_version"] is None
+        counts = self.by_version.setdefault(int(answer["model_version"]), Counter()) if not legacy else Counter()
         counts["requests"] += 1
         self.stats["requests"] += 1
         for item in answer["items"]:
@@ -491,5 +519,5 @@ def summary_table(status: dict, traffic: SimulatedTraffic | None) -> str:
             rows.append(f"{int(version):7d}  {c['samples']:7d}  {c['positives'] / n:8.1%}  {c['dislikes'] / n:7.1%}"
                         f"  {c['play_time_ms'] / n / 1000:6.1f}")
     if traffic is not None:
-        rows.append(f"simulator: {dict(traffic.stats)}")
+        rows.append(f"simulator: {dict(traffic.stats)}, of which served by the legacy pipeline: {traffic.legacy_requests}")
     return "\n".join(rows)

@@ -107,12 +107,17 @@ def test_closed_loop(tmp_path, ray_session, stream_config):
     asyncio.run(scenario())
 
     impressions = read_impressions(cfg.stream)
-    assert impressions, "no impressions were logged"
-    for imp in impressions:
-        assert imp["source"] == "onerec" and imp["model_version"] >= 1
+    ours = [imp for imp in impressions if imp["source"] == "onerec"]
+    legacy = [imp for imp in impressions if imp["source"] == "legacy"]
+    assert ours and legacy, "both the policy and the legacy pipeline serve the simulated traffic"
+    assert len(ours) + len(legacy) == len(impressions)
+    for imp in ours:
+        assert imp["model_version"] >= 1
         assert all(item["logprob"] is not None and item["logprob"] <= 0 for item in imp["items"])
         assert imp["context"]["short"]["item_id"] or imp["context"]["profile"]
-    assert len({imp["model_version"] for imp in impressions}) >= 2
+    for imp in legacy:                       # other traffic: no pi_old, so GBPO uses sg(pi)
+        assert all(item["logprob"] is None for item in imp["items"])
+    assert len({imp["model_version"] for imp in ours}) >= 2
     assert loop.worker.poll() is not None, "the Faust worker is still running"
 
 
