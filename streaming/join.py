@@ -28,7 +28,8 @@ arrives before the window closes; repeated feedback for an item keeps the one wi
 feedback become dead letters with the reason and the original bytes.
 
 State lives in byte-keyed, byte-valued mappings (the Faust Tables' stores); every change is also
-recorded as a `StateWrite` for the changelog. Watermarks and deadline heaps are derived from the
+recorded as a `StateWrite` for the changelog, the last one per key and batch (a key created and
+deleted within one batch writes nothing: the changelog never had it). Watermarks and deadline heaps are derived from the
 stores and rebuilt after a restart.
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Batch:
     outputs: list[Output] = field(default_factory=list)
     writes: dict[tuple[str, bytes], StateWrite] = field(default_factory=dict)  # last write per key wins
     closed_through: dict[int, float] = field(default_factory=dict)  # stage 1: partition -> mark closed
+    created: set[tuple[str, bytes]] = field(default_factory=set)  # (table, key)s absent before this batch
 
     def __len__(self) -> int:
         return len(self.outputs) + len(self.writes)
@@ -101,11 +103,18 @@ class _Stage:
         self.stats = JoinStats()
 
     def _put(self, table: str, partition: int, key: bytes, value: bytes | None) -> None:
+        store, slot = self.stores[table], (table, key)
+        if slot not in self.batch.writes and slot not in self.batch.created and key not in store:
+            self.batch.created.add(slot)
         if value is None:
-            self.stores[table].pop(key, None)
+            store.pop(key, None)
         else:
-            self.stores[table][key] = value
-        self.batch.writes[(table, key)] = StateWrite(table, partition, key, value)
+            store[key] = value
+        if value is None and slot in self.batch.created:
+            # created and deleted within this batch: the changelog never had it, no tombstone needed
+            self.batch.writes.pop(slot, None)
+        else:
+            self.batch.writes[slot] = StateWrite(table, partition, key, value)
 
     def _dead(self, *, topic: str, reason: str, original: bytes, key: bytes | None) -> None:
         letter = schemas.dead_letter(topic=topic, reason=reason, original=original, ts=self.wall_clock())
@@ -321,6 +330,8 @@ class RequestJoiner(_Stage):
         self._deadlines = heaps
 
 
+_NO_PLAYS = {"item_id": [], "duration_s": [], "play_time_s": [], "flags": []}
+_CHECKED_CONTEXT = {"profile": [0], "short": _NO_PLAYS, "long": _NO_PLAYS}   # stands in for a checked context
 WATERMARK_KEY = b"\x00watermark"   # key of stage 1's watermark heartbeats on the joined topic
 
 
@@ -356,7 +367,17 @@ class UserScorer(_Stage):
             return
         try:
             joined = orjson.loads(raw)
-            schemas.validate_impression({k: v for k, v in joined.items() if k != "feedback"})
+            if not isinstance(joined, dict):
+                raise SchemaError("joined record must be a JSON object")
+            context = joined.get("context")
+            if not isinstance(context, dict):
+                raise SchemaError("context must be an object with profile, short, long")
+            # Stage 1 validated the whole impression before joining it. The context's histories (the
+            # bulk of the record) are read here only to warm-start a user the Table has not seen:
+            # checked then; every other field is checked on every record.
+            schemas.validate_impression(dict(joined, context=_CHECKED_CONTEXT))
+            if str(joined["user_id"]).encode() not in self.stores["users"]:
+                schemas.validate_context(context)
             if not isinstance(joined.get("feedback"), dict):
                 raise SchemaError("feedback must be an object of item_id -> feedback")
         except (orjson.JSONDecodeError, SchemaError) as exc:

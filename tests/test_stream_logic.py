@@ -202,3 +202,79 @@ def test_scoring_agent_under_faust_test_context():
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def replay_changelog(batches, tables):
+    """The stores a restart restores: every batch's writes applied in order to empty tables."""
+    stores = {t: {} for t in tables}
+    for batch in batches:
+        for w in batch.writes.values():
+            if w.value is None:
+                stores[w.table].pop(w.key, None)
+            else:
+                stores[w.table][w.key] = w.value
+    return stores
+
+
+def test_changelog_restores_the_state_and_skips_keys_born_and_gone_in_one_batch():
+    j = joiner()
+    batches = []
+    # batch 1: "a" opens and closes in it; "b" stays open
+    for kind, key, raw in [("impressions", b"a", imp("a", 1, 100.0)), ("feedback", b"a", fb("a", 1, 1, 101.0)),
+                           ("impressions", b"b", imp("b", 1, 120.0)), ("feedback", b"b", fb("b", 1, 2, 121.0)),
+                           ("impressions", b"c", imp("c", 2, 140.0)), ("feedback", b"c", fb("c", 2, 1, 141.0))]:
+        j.on_message(kind, 0, key, raw)
+    j.close_due()
+    batches.append(j.drain())
+    slots = {(w.table, w.key, w.value is None) for w in batches[0].writes.values()}
+    assert ("impressions", b"a", True) not in slots and ("feedback", b"a", True) not in slots  # never written
+    assert ("closed", b"a", False) in slots and ("impressions", b"b", False) in slots
+    assert replay_changelog(batches, RequestJoiner.tables) == j.stores
+    # batch 2: "b" closes now: its earlier records need tombstones
+    j.on_message("impressions", 0, b"d", imp("d", 1, 200.0))
+    j.on_message("feedback", 0, b"d", fb("d", 1, 1, 200.5))
+    j.close_due()
+    batches.append(j.drain())
+    slots = {(w.table, w.key, w.value is None) for w in batches[1].writes.values()}
+    assert {("impressions", b"b", True), ("feedback", b"b", True), ("closed", b"b", False)} <= slots
+    assert replay_changelog(batches, RequestJoiner.tables) == j.stores
+
+
+def test_scorer_changelog_restores_the_state():
+    s = scorer()
+    batches = []
+    s.on_joined(0, b"9", joined_record("r1", 9, 100.0, [4.0]))
+    batches.append(s.drain())                            # r1 waits: no heartbeat yet
+    assert any(w.table == "waiting" for w in batches[0].writes.values())
+    for src in range(s.cfg.partitions):
+        s.on_joined(0, WATERMARK_KEY, watermark_heartbeat(src, 1e18))
+    s.on_joined(0, b"9", joined_record("r2", 9, 200.0, [8.0]))   # waits and is scored in one batch
+    s.release()
+    batches.append(s.drain())
+    assert ("waiting", b"r2") not in batches[1].writes and batches[1].writes[("waiting", b"r1")].value is None
+    assert replay_changelog(batches, UserScorer.tables) == s.stores
+
+
+def test_scorer_dead_letters_a_malformed_joined_record():
+    s = scorer()
+    bad_context = orjson.loads(joined_record("r1", 9, 100.0, [4.0]))
+    bad_context["context"]["short"] = {"item_id": ["x"], "duration_s": [1.0], "play_time_s": [1.0], "flags": [0]}
+    no_context = orjson.loads(joined_record("r2", 9, 100.0, [4.0]))
+    del no_context["context"]
+    for raw in (orjson.dumps(bad_context), orjson.dumps(no_context), b"[1, 2]", b"{not json"):
+        s.on_joined(0, b"9", raw)
+    letters = [schemas.decode_dead_letter(o.value) for o in s.drain().outputs]
+    reasons = [letter["reason"] for letter in letters]
+    assert len(reasons) == 4 and s.stats.dead_letters == 4, reasons
+    assert "context.short.item_id[0]" in reasons[0] and "context" in reasons[1] and "object" in reasons[2]
+    assert s.stores["waiting"] == {}
+
+
+def test_default_partition_is_kafkas():
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streaming.app import default_partition
+
+    for n in (1, 2, 3, 8):
+        for key in (b"", b"r1", b"kr-123-4", b"\x00watermark", "9".encode()):
+            assert default_partition(key, n) == DefaultPartitioner()(key, list(range(n)), list(range(n)))
