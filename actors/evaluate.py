@@ -164,6 +164,18 @@ def scores(ranked: np.ndarray, targets: np.ndarray) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------- training
+def _gen_step(model, opt, ctx, targets: torch.Tensor, device: str) -> float:
+    """One L_Gen (eq. 10) step with gradient clipping; bf16 autocast on a GPU. Returns the loss."""
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                        enabled=torch.device(device).type == "cuda"):
+        loss = model.loss(ctx, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def _lr_at(progress: float, base_lr: float, *, warmup: float = 0.03, decay_from: float = 0.7) -> float:
     """Warmup-stable-decay: linear warmup, constant, then a cosine down to 10 % over the last 30 %.
 
@@ -246,14 +258,7 @@ def train_lazy_decoder(split: LeaveOneOut, tokenizer: SemanticTokenizer, cfg: Mo
         ctx = build_context_batch(contexts, tokenizer, cfg).to(device)
         for group in opt.param_groups:
             group["lr"] = _lr_at(fraction, lr)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=torch.device(device).type == "cuda"):
-            loss = model.loss(ctx, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return float(loss.detach())
+        return _gen_step(model, opt, ctx, targets, device)
 
     val_users = rng.permutation(len(split.users))[:VALIDATION_USERS]
 
@@ -529,13 +534,7 @@ def eval_replay(log, model_cfg: ModelConfig, *, k: int, beam_width: int, train_e
                 chunk = pairs[b: b + batch_size]
                 ctx = build_context_batch([c for c, _ in chunk], tokenizer, model_cfg).to(device)
                 targets = torch.from_numpy(tokenizer.codes_for([v for _, v in chunk])).to(device)
-                with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                                    enabled=torch.device(device).type == "cuda"):
-                    loss = model.loss(ctx, targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                _gen_step(model, opt, ctx, targets, device)
             trained += len(pairs)
         done = start + len(block)
         bar.update(len(block))
