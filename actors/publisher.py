@@ -3,11 +3,15 @@
 Invariants:
 - versions only go forward: each publish gets the next integer; replicas reject older/equal ones;
 - weights travel as safetensors bytes (a uint8 array in the object store), never as pickled tensors,
-  with a CRC32 checksum the replica verifies before it builds anything;
+  with an XXH3-64 checksum of the whole buffer that the replica verifies before it builds anything;
 - the driver never holds the bytes: `ray.put` runs in the learner, and the ref is passed straight
   to the replicas' `apply_weights` (Ray resolves it there, zero-copy on the same node);
 - a replica that is still applying an older version, or that missed one, is not queued up: the next
   publish (or `catch_up`) sends it the latest version directly.
+
+Cost model (a 400 MB model on this machine): XXH3-64 hashes at ~15 GB/s, about a memcpy, where
+CRC32 ran at ~3.5 GB/s; so packing copies each tensor into a reused staging buffer and hashes
+it in cache-sized chunks, and `ray.put` copies the staging buffer into the store once.
 """
 from __future__ import annotations
 
@@ -16,11 +20,11 @@ import logging
 import struct
 import time
 import warnings
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import xxhash
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,9 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
+# bytes copied and hashed per step: the hash then reads them from L2, not from memory
+_CHUNK_BYTES = 1 << 20
+
 
 def pack_weights(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
     """See `pack_with_checksum` (the buffer only)."""
@@ -39,40 +46,68 @@ def pack_weights(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def pack_with_checksum(state_dict: dict[str, torch.Tensor]) -> tuple[np.ndarray, int]:
-    """A state dict as safetensors bytes in a uint8 array (what goes into the object store).
+    """A state dict as safetensors bytes in a NEW uint8 array, and the XXH3-64 checksum of those bytes."""
+    return StagingBuffer().pack(state_dict)
 
-    Written directly (header, then one copy per tensor into a preallocated buffer) rather than with
-    `safetensors.torch.save`, which builds the file through Python bytes at ~5x the cost of a memcpy;
-    the result is a valid safetensors file (tests load it back with `safetensors.torch.load`).
+
+class StagingBuffer:
+    """Packs state dicts into one buffer that is reused while the layout (names, dtypes, shapes) stays.
+
+    A fresh 400 MB buffer costs ~100k page faults per publish, about as much as the copy itself;
+    the publisher packs every version of a model into the same memory, which `ray.put` then
+    copies into the object store. So a packed buffer is only valid until the next `pack` call.
+
+    Written directly (header, then one copy per tensor) rather than with `safetensors.torch.save`,
+    which builds the file through Python bytes at ~5x the cost of a memcpy; the result is a valid
+    safetensors file (tests load it back with `safetensors.torch.load`).
     """
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
-    header: dict[str, dict] = {}
-    offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"weights tensor {name!r}: unsupported dtype {t.dtype}")
-        n_bytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n_bytes]}
-        offset += n_bytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)        # the format's 8-byte alignment of the data
-    start = 8 + len(header_bytes)
-    buffer = np.empty(start + offset, dtype=np.uint8)
-    buffer[:8] = np.frombuffer(struct.pack("<Q", len(header_bytes)), dtype=np.uint8)
-    buffer[8:start] = np.frombuffer(header_bytes, dtype=np.uint8)
-    flat = torch.from_numpy(buffer)
-    crc = zlib.crc32(memoryview(buffer[:start]))
-    for name, t in tensors.items():     # in offset order; each slice's CRC is taken while it is in cache
-        begin, end = header[name]["data_offsets"]
-        if end > begin:
-            flat[start + begin:start + end].copy_(t.reshape(-1).view(torch.uint8))
-            crc = zlib.crc32(memoryview(buffer[start + begin:start + end]), crc)
-    return buffer, crc
+
+    def __init__(self):
+        self._header_bytes = b""
+        self._buffer: np.ndarray | None = None
+
+    def pack(self, state_dict: dict[str, torch.Tensor]) -> tuple[np.ndarray, int]:
+        """(buffer, checksum): the packed bytes (valid until the next call) and their XXH3-64."""
+        header: dict[str, dict] = {}
+        offset = 0
+        for name, t in state_dict.items():
+            if t.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"weights tensor {name!r}: unsupported dtype {t.dtype}")
+            n_bytes = t.numel() * t.element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + n_bytes]}
+            offset += n_bytes
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        header_bytes += b" " * (-len(header_bytes) % 8)        # the format's 8-byte alignment of the data
+        start = 8 + len(header_bytes)
+        if self._buffer is None or header_bytes != self._header_bytes:
+            self._buffer = np.empty(start + offset, dtype=np.uint8)     # a new layout: new memory
+            self._buffer[:8] = np.frombuffer(struct.pack("<Q", len(header_bytes)), dtype=np.uint8)
+            self._buffer[8:start] = np.frombuffer(header_bytes, dtype=np.uint8)
+            self._header_bytes = header_bytes
+        buffer = self._buffer
+        flat = torch.from_numpy(buffer)
+        hasher = xxhash.xxh3_64(memoryview(buffer[:start]))
+        for name, t in state_dict.items():        # in offset order, so the hash runs over the buffer in order
+            begin, end = header[name]["data_offsets"]
+            source = t.detach().reshape(-1).view(torch.uint8)            # (n_bytes,), any device
+            for chunk in range(0, end - begin, _CHUNK_BYTES):
+                lo, hi = start + begin + chunk, start + min(begin + chunk + _CHUNK_BYTES, end)
+                flat[lo:hi].copy_(source[chunk:chunk + hi - lo])
+                hasher.update(memoryview(buffer[lo:hi]))              # still in cache
+        return buffer, hasher.intdigest()
 
 
 def checksum_of(buffer: np.ndarray | bytes | memoryview) -> int:
-    """CRC32 of the packed bytes: catches corruption and mix-ups, cheap (~2.5 GB/s here)."""
-    return zlib.crc32(memoryview(buffer).cast("B"))
+    """XXH3-64 of the packed bytes: catches corruption and mix-ups at memory speed (~15 GB/s here)."""
+    return xxhash.xxh3_64_intdigest(memoryview(buffer).cast("B"))
+
+
+def verify_checksum(buffer: np.ndarray | bytes | memoryview, checksum: int) -> None:
+    """Raise ValueError unless the packed bytes hash to `checksum` (run before anything is built)."""
+    actual = checksum_of(buffer)
+    if actual != int(checksum):
+        raise ValueError(f"checksum mismatch (got {actual:#018x}, expected {int(checksum):#018x})")
 
 
 def unpack_weights(buffer: np.ndarray | bytes | memoryview) -> dict[str, torch.Tensor]:
@@ -80,6 +115,7 @@ def unpack_weights(buffer: np.ndarray | bytes | memoryview) -> dict[str, torch.T
 
     Reads the format directly (8-byte little-endian header size, JSON header, raw data) because
     `safetensors.torch.load` wants `bytes`, which would copy a 400 MB model once more per replica.
+    Each view keeps `buffer` alive (through the memoryview it was made from).
     """
     view = memoryview(buffer).cast("B")
     if len(view) < 8:
@@ -87,7 +123,12 @@ def unpack_weights(buffer: np.ndarray | bytes | memoryview) -> dict[str, torch.T
     (header_len,) = struct.unpack("<Q", view[:8])
     if 8 + header_len > len(view):
         raise ValueError(f"weights header length {header_len} exceeds the buffer ({len(view)} bytes)")
-    header = json.loads(bytes(view[8:8 + header_len]))
+    try:
+        header = json.loads(bytes(view[8:8 + header_len]))
+    except ValueError as exc:
+        raise ValueError(f"weights header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("weights header is not a JSON object")
     data = view[8 + header_len:]
     tensors: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
@@ -95,53 +136,27 @@ def unpack_weights(buffer: np.ndarray | bytes | memoryview) -> dict[str, torch.T
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if not isinstance(info, dict):
+                raise ValueError(f"weights tensor {name!r}: header entry is not an object")
             dtype = _DTYPES.get(info.get("dtype"))
             if dtype is None:
                 raise ValueError(f"weights tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
+            offsets, shape = info.get("data_offsets"), info.get("shape")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise ValueError(f"weights tensor {name!r}: malformed shape {shape!r} or data_offsets {offsets!r}")
+            begin, end = offsets
+            n_bytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+            if end - begin != n_bytes:
+                raise ValueError(f"weights tensor {name!r}: {end - begin} bytes for shape {shape}")
             if end - begin == 0:
                 tensors[name] = torch.empty(shape, dtype=dtype)
                 continue
-            if end > len(data) or begin > end:
+            if end > len(data) or begin < 0:
                 raise ValueError(f"weights tensor {name!r}: data offsets {begin}..{end} outside the buffer")
             flat = torch.frombuffer(data[begin:end], dtype=dtype)
             tensors[name] = flat.reshape(shape)
     return tensors
-
-
-def load_checked(module: torch.nn.Module, buffer: np.ndarray | bytes | memoryview, checksum: int) -> None:
-    """Copy a packed buffer into `module`'s tensors, verifying the CRC32 on the way.
-
-    One pass: each tensor's bytes are checksummed and then copied while still in cache (a
-    replica's first read of a fresh object-store buffer is the expensive part). On a mismatch or
-    a key/shape mismatch it raises ValueError; `module` may then hold a partial copy, so callers
-    load into a model that is not serving (the replica's standby) and drop it on error.
-    """
-    view = memoryview(buffer).cast("B")
-    tensors = unpack_weights(view)
-    targets = module.state_dict()
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, t in tensors.items():
-        if t.shape != targets[name].shape:
-            raise ValueError(f"weights tensor {name!r}: shape {tuple(t.shape)} != model's {tuple(targets[name].shape)}")
-    (header_len,) = struct.unpack("<Q", view[:8])
-    start = 8 + header_len
-    header = json.loads(bytes(view[8:start]))
-    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name)
-                   for name, info in header.items() if name != "__metadata__")
-    crc = zlib.crc32(view[:start])
-    position = 0
-    with torch.no_grad():
-        for begin, end, name in spans:
-            crc = zlib.crc32(view[start + position:start + end], crc)   # includes any gap before it
-            position = max(position, end)
-            targets[name].copy_(tensors[name])
-    crc = zlib.crc32(view[start + position:], crc)
-    if crc != int(checksum):
-        raise ValueError(f"checksum mismatch (got {crc:#010x}, expected {int(checksum):#010x})")
 
 
 @dataclass
@@ -153,6 +168,8 @@ class PublishedWeights:
     ref: object              # ray.ObjectRef to the packed uint8 array
     n_bytes: int
     published_at: float      # time.time()
+    pack_s: float = 0.0      # copy + checksum into the staging buffer (0 for a republish)
+    put_s: float = 0.0       # `ray.put` of the staging buffer into the object store
 
 
 @dataclass
@@ -176,6 +193,7 @@ class WeightPublisher:
         self.keep_versions = keep_versions
         self.history: dict[int, PublishedWeights] = {}   # the last `keep_versions` versions (rollbacks)
         self._replicas: dict[str, _ReplicaState] = {}
+        self._staging = StagingBuffer()                    # reused by every publish of the same layout
         for handle in replicas:
             self.add_replica(handle)
 
@@ -219,12 +237,18 @@ class WeightPublisher:
 
     # ---- publishing ----------------------------------------------------------------------------
     def publish(self, state_dict: dict[str, torch.Tensor]) -> PublishedWeights:
-        """Pack, checksum and `ray.put` the weights once, then send the ref to every idle replica."""
+        """Pack, checksum and `ray.put` the weights once, then send the ref to every idle replica.
+
+        `ray.put` copies the staging buffer into the object store, so the next publish may reuse it.
+        """
         import ray
 
-        buffer, checksum = pack_with_checksum(state_dict)
+        started = time.perf_counter()
+        buffer, checksum = self._staging.pack(state_dict)
+        packed = time.perf_counter()
         ref = ray.put(buffer)
-        return self._announce(ref, checksum, len(buffer))
+        put = time.perf_counter()
+        return self._announce(ref, checksum, len(buffer), pack_s=packed - started, put_s=put - packed)
 
     def republish(self, version: int) -> PublishedWeights:
         """Serve an older version's weights again under a NEW version number (a rollback)."""
@@ -233,9 +257,9 @@ class WeightPublisher:
             raise ValueError(f"version {version} is no longer kept (kept: {sorted(self.history)})")
         return self._announce(old.ref, old.checksum, old.n_bytes)
 
-    def _announce(self, ref, checksum: int, n_bytes: int) -> PublishedWeights:
+    def _announce(self, ref, checksum: int, n_bytes: int, *, pack_s: float = 0.0, put_s: float = 0.0) -> PublishedWeights:
         self.version += 1
-        self.latest = PublishedWeights(self.version, checksum, ref, n_bytes, time.time())
+        self.latest = PublishedWeights(self.version, checksum, ref, n_bytes, time.time(), pack_s, put_s)
         self.history[self.version] = self.latest
         for old in sorted(self.history)[:-self.keep_versions]:
             del self.history[old]

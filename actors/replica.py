@@ -2,11 +2,21 @@
 
 Invariants:
 - a request runs start to finish on ONE (version, model) snapshot, read once under a lock; a new
-  version is loaded into a model no request is using and then swapped in by one reference
+  version is built in a model no request is using and then swapped in by one reference
   assignment, so no request ever sees a half-loaded model;
 - versions only go forward: `apply_weights` rejects an older or equal version and a checksum
-  mismatch with ValueError (loudly, before touching any model);
+  mismatch with ValueError (loudly, before building any model): a replica never serves
+  unverified or half-loaded weights;
+- inference never writes parameters or persistent buffers (requests run under
+  `torch.inference_mode` on an eval-mode model), which is what lets a CPU replica serve them as
+  read-only views of the published buffer (zero-copy, below);
 - every answer carries the version that produced it.
+
+Zero-copy serving (CPU): the new version's parameters are views of the packed buffer Ray hands
+`apply_weights` (a read-only view of the object store on this node), assigned to a fresh module
+built from a storage-less skeleton. Its snapshot holds the buffer, so the object stays pinned
+while any request uses that version and is released when the last one finishes. On another
+device (CUDA) views of host memory cannot serve, so the weights are copied into an idle model.
 
 `ServingReplica` is the plain class (tested in-process); `ReplicaActor` is its thin Ray wrapper,
 a threaded actor so a weight load runs beside requests instead of stalling them.
@@ -24,7 +34,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.publisher import load_checked, pack_weights
+from actors.publisher import pack_weights, unpack_weights, verify_checksum
 from learner.beam import beam_search, sample_from_beam
 from learner.config import ModelConfig
 from learner.features import build_context_batch
@@ -38,23 +48,47 @@ log = logging.getLogger(__name__)
 class _Snapshot:
     version: int
     model: torch.nn.Module
+    buffer: object = None    # the packed weights the model's tensors view (zero-copy); None when copied
+
+
+def storage_less_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` whose parameters and persistent buffers are meta tensors (no memory).
+
+    Copying it is cheap, and `load_state_dict(..., assign=True)` then gives the copy real tensors;
+    non-persistent buffers (not in the state dict, e.g. index offsets) are copied with their values.
+    """
+    placeholders = {}           # deepcopy's memo: id(original tensor) -> what the copy gets instead
+    for tensor in model.state_dict(keep_vars=True).values():
+        meta = torch.empty_like(tensor, device="meta")
+        placeholders[id(tensor)] = (torch.nn.Parameter(meta, requires_grad=False)
+                                    if isinstance(tensor, torch.nn.Parameter) else meta)
+    return copy.deepcopy(model, memo=placeholders)
 
 
 class ServingReplica:
     """Holds model + tokenizer + trie; answers `recommend` with the version it used."""
 
     def __init__(self, model: torch.nn.Module, *, tokenizer: SemanticTokenizer | None = None,
-                 model_cfg: ModelConfig | None = None, version: int = 0, device: str = "cpu"):
+                 model_cfg: ModelConfig | None = None, version: int = 0, device: str = "cpu",
+                 zero_copy: bool | None = None):
+        """`zero_copy` (default: on the CPU) serves new versions as views of the published buffer."""
         self.device = torch.device(device)
+        self.zero_copy = self.device.type == "cpu" if zero_copy is None else bool(zero_copy)
+        if self.zero_copy and self.device.type != "cpu":
+            raise ValueError(f"zero_copy: views of host memory cannot serve on device {device!r}")
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.trie = tokenizer.trie() if tokenizer is not None else None
-        self._active = _Snapshot(int(version), model.to(self.device).eval())
-        self._standby: torch.nn.Module | None = None
+        model = model.to(self.device).eval()
+        self._skeleton = storage_less_copy(model) if self.zero_copy else None
+        self._fields = {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
+        self._active = _Snapshot(int(version), model)
+        self._standby: torch.nn.Module | None = None   # copy path: the previous model, reused when idle
         self._in_use: dict[int, int] = {}          # id(model) -> requests running on it
         self._lock = threading.Lock()              # guards _active, _standby, _in_use
         self._apply_lock = threading.Lock()        # one weight load at a time
         self.applied_at = time.time()
+        self.last_apply_s = 0.0                    # verify + build + swap of the last version
         self.requests_served = 0
 
     @property
@@ -70,7 +104,11 @@ class ServingReplica:
 
     def _release(self, snap: _Snapshot) -> None:
         with self._lock:
-            self._in_use[id(snap.model)] -= 1
+            left = self._in_use[id(snap.model)] - 1
+            if left:
+                self._in_use[id(snap.model)] = left
+            else:
+                del self._in_use[id(snap.model)]
 
     def recommend(self, contexts: list[dict], *, top_k: int, beam_width: int, temperature: float = 0.0) -> dict:
         """Top-k items per context by constrained beam search over the tokenizer's trie.
@@ -89,7 +127,7 @@ class ServingReplica:
         ctx = build_context_batch(contexts, self.tokenizer, self.model_cfg).to(self.device)
         snap = self._acquire()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode():       # never writes the weights: they may be read-only views
                 recs = beam_search(snap.model, ctx, self.trie, beam_width=beam_width,
                                    top_k=beam_width if temperature > 0 else top_k)
             if temperature > 0:
@@ -104,29 +142,64 @@ class ServingReplica:
 
     # ---- weights -------------------------------------------------------------------------------
     def apply_weights(self, version: int, weights: np.ndarray | bytes | dict, checksum: int) -> int:
-        """Load `weights` (packed safetensors buffer, or a state dict) as `version`, then swap.
+        """Verify `weights` (packed safetensors buffer, or a state dict) as `version`, build it, swap.
 
-        Raises ValueError on an older/equal version or a checksum mismatch; returns the version now served.
+        Raises ValueError on an older/equal version, a checksum mismatch or weights that do not fit
+        the model, before anything is served; returns the version now served.
         """
         version = int(version)
         with self._apply_lock:
+            started = time.perf_counter()
             if version <= self._active.version:
                 raise ValueError(f"weights version {version} is not newer than the served version "
                                  f"{self._active.version}")
             if isinstance(weights, dict):
                 weights = pack_weights(weights)
-            target = self._take_standby()
             try:
-                load_checked(target, weights, checksum)    # copies out of the (read-only) buffer
+                verify_checksum(weights, checksum)
+                tensors = self._fitting_tensors(weights)
+                if self.zero_copy:
+                    snapshot = _Snapshot(version, self._viewing_model(tensors), weights)
+                else:
+                    snapshot = _Snapshot(version, self._copied_model(tensors))
             except ValueError as exc:
-                raise ValueError(f"weights version {version}: {exc}") from None   # target is dropped
-            target.eval()
+                raise ValueError(f"weights version {version}: {exc}") from None   # nothing was swapped
             with self._lock:
                 old = self._active
-                self._active = _Snapshot(version, target)  # the atomic swap
-                self._standby = old.model
+                self._active = snapshot                   # the atomic swap
+                if not self.zero_copy:
+                    self._standby = old.model
+            # zero-copy: the old version's buffer is released with its last request's snapshot
             self.applied_at = time.time()
+            self.last_apply_s = time.perf_counter() - started
             return version
+
+    def _fitting_tensors(self, weights) -> dict[str, torch.Tensor]:
+        """Views of the packed tensors, checked against the model's names, shapes and dtypes."""
+        tensors = unpack_weights(weights)
+        missing, unexpected = sorted(set(self._fields) - set(tensors)), sorted(set(tensors) - set(self._fields))
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, t in tensors.items():
+            shape, dtype = self._fields[name]
+            if t.shape != shape or t.dtype != dtype:
+                raise ValueError(f"weights tensor {name!r}: {t.dtype} {tuple(t.shape)} != model's {dtype} {tuple(shape)}")
+        return tensors
+
+    def _viewing_model(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A fresh module whose parameters and persistent buffers ARE `tensors` (no copy)."""
+        model = copy.deepcopy(self._skeleton)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        return model.eval()
+
+    def _copied_model(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """`tensors` copied into an idle model on the replica's device (host -> device on CUDA)."""
+        target = self._take_standby()
+        targets = target.state_dict()
+        with torch.no_grad():
+            for name, t in tensors.items():
+                targets[name].copy_(t)
+        return target.eval()
 
     def _take_standby(self) -> torch.nn.Module:
         """A model no request is using: the previous one if idle, else a fresh copy."""
@@ -139,7 +212,8 @@ class ServingReplica:
         return copy.deepcopy(active)
 
     def health(self) -> dict:
-        return {"version": self.version, "applied_at": self.applied_at, "requests_served": self.requests_served}
+        return {"version": self.version, "applied_at": self.applied_at, "requests_served": self.requests_served,
+                "last_apply_s": self.last_apply_s, "zero_copy": self.zero_copy}
 
 
 @ray.remote(max_concurrency=4)
@@ -180,3 +254,6 @@ class WeightsOnlyReplicaActor:
 
     def version(self) -> int:
         return self.replica.version
+
+    def health(self) -> dict:
+        return self.replica.health()

@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import ray
 import torch
+import xxhash
 from safetensors.torch import load as safetensors_load
 
-from actors.publisher import WeightPublisher, checksum_of, pack_weights, unpack_weights
+from actors.publisher import (StagingBuffer, WeightPublisher, checksum_of, pack_weights, pack_with_checksum,
+                              unpack_weights)
 from actors.replica import WeightsOnlyReplicaActor
 
 
@@ -30,8 +32,43 @@ def test_pack_unpack_round_trip_without_pickles():
     assert all(torch.equal(standard[name], t) for name, t in tensors.items())
 
 
+def test_checksum_is_xxh3_64_of_every_byte_across_chunks():
+    tensors = {"big": torch.randn(700_000),                       # 2.8 MB: several 1 MiB chunks
+               "strided": torch.randn(300, 500).t(),              # not contiguous
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "i8": torch.arange(10, dtype=torch.int8)}
+    packed, checksum = pack_with_checksum(tensors)
+    assert checksum == xxhash.xxh3_64_intdigest(bytes(packed)) == checksum_of(packed)
+    assert all(torch.equal(unpack_weights(packed)[name], t) for name, t in tensors.items())
+    flipped = packed.copy()
+    flipped[len(flipped) // 2] ^= 1
+    assert checksum_of(flipped) != checksum
+
+
+def test_staging_buffer_is_reused_for_one_layout_and_replaced_for_another():
+    staging = StagingBuffer()
+    state = {"w": torch.randn(400, 1000), "b": torch.randn(1000)}
+    first, first_sum = staging.pack(state)
+    state["w"] += 1.0
+    second, second_sum = staging.pack(state)
+    assert second is first and second_sum != first_sum          # same memory, new contents
+    assert second_sum == checksum_of(second) and torch.equal(unpack_weights(second)["w"], state["w"])
+    third, _ = staging.pack({"w": state["w"][:10], "b": state["b"]})
+    assert third is not first and unpack_weights(third)["w"].shape == (10, 1000)
+    assert pack_weights(state) is not pack_weights(state)          # the public packers never share memory
+
+
 @pytest.mark.parametrize("bad, reason", [(b"\x01", "too short"),
-                                         (b"\xff" * 8 + b"{}", "exceeds the buffer")])
+                                         (b"\xff" * 8 + b"{}", "exceeds the buffer"),
+                                         (b"\x04" + b"\x00" * 7 + b"{{{{", "not JSON"),
+                                         (b"\x40" + b"\x00" * 7
+                                          + b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'.ljust(64)
+                                          + b"\x00" * 16, "8 bytes for shape"),
+                                         (b"\x40" + b"\x00" * 7
+                                          + b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'.ljust(64)
+                                          + b"\x00" * 8, "outside the buffer"),
+                                         (b"\x08" + b"\x00" * 7 + b'{"w":1} ', "not an object"),
+                                         (b"\x28" + b"\x00" * 7 + b'{"w":{"dtype":"F32","shape":[-1]}}'.ljust(40),
+                                          "malformed")])
 def test_unpack_rejects_garbage(bad, reason):
     with pytest.raises(ValueError, match=reason):
         unpack_weights(bad)

@@ -1,11 +1,13 @@
-"""Serving replicas: versions only go forward, checksums are checked, swaps are atomic under load."""
+"""Serving replicas: versions only go forward, checksums are checked, swaps are atomic under load,
+CPU replicas serve views of the published buffer and release it with the last request on it."""
 import threading
+import weakref
 
 import pytest
 import ray
 import torch
 
-from actors.publisher import checksum_of, pack_weights
+from actors.publisher import checksum_of, pack_weights, unpack_weights
 from actors.replica import ReplicaActor, ServingReplica
 from learner.model import LazyDecoder
 from simulator.users import UserSimulator
@@ -104,6 +106,93 @@ def _model_with(cfg, state):
     return model
 
 
+def test_zero_copy_serves_views_of_the_buffer_with_the_copying_replicas_answers(setup):
+    cfg, tok, contexts = setup
+    viewing = make_replica(cfg, tok)
+    copying = ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, zero_copy=False)
+    assert viewing.zero_copy and not copying.zero_copy
+    for version in (1, 2):
+        packed = pack_weights(weights_for(cfg, version))
+        viewing.apply_weights(version, packed, checksum_of(packed))
+        copying.apply_weights(version, packed, checksum_of(packed))
+        start, end = packed.ctypes.data, packed.ctypes.data + packed.nbytes
+        params = list(viewing._active.model.parameters())
+        assert params and all(start <= p.data_ptr() < end for p in params)           # views, no copy
+        assert not any(start <= p.data_ptr() < end for p in copying._active.model.parameters())
+        assert viewing.recommend(contexts, top_k=4, beam_width=8) == copying.recommend(contexts, top_k=4, beam_width=8)
+
+
+def test_weights_that_do_not_fit_are_refused_before_serving(setup):
+    cfg, tok, contexts = setup
+    for zero_copy in (True, False):
+        replica = ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, zero_copy=zero_copy)
+        before = replica.recommend(contexts[:1], top_k=2, beam_width=4)
+        state = weights_for(cfg, 1)
+        name = next(iter(state))
+        for bad, reason in [({**state, name: state[name][:1]}, name),                 # wrong shape
+                            ({**state, name: state[name].double()}, name),            # wrong dtype
+                            ({k: v for k, v in state.items() if k != name}, "missing"),
+                            ({**state, "extra": torch.zeros(2)}, "unexpected")]:
+            packed = pack_weights(bad)
+            with pytest.raises(ValueError, match=reason):
+                replica.apply_weights(2, packed, checksum_of(packed))
+        packed = pack_weights(state)
+        garbage = packed.copy()
+        garbage[8:16] = ord("#")                                                      # header no longer JSON
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            replica.apply_weights(2, garbage, checksum_of(packed))
+        with pytest.raises(ValueError, match="not JSON"):
+            replica.apply_weights(2, garbage, checksum_of(garbage))
+        assert replica.version == 0
+        assert replica.recommend(contexts[:1], top_k=2, beam_width=4) == before
+
+
+def test_request_during_a_swap_finishes_on_its_version_then_its_buffer_is_released(setup):
+    cfg, tok, contexts = setup
+    replica = make_replica(cfg, tok)
+    packed1, packed2 = pack_weights(weights_for(cfg, 1)), pack_weights(weights_for(cfg, 2))
+    replica.apply_weights(1, packed1, checksum_of(packed1))
+    expected1 = replica.recommend(contexts[:1], top_k=4, beam_width=8)
+    entered, resume = threading.Event(), threading.Event()
+
+    def hold(module, args):       # the request pauses inside version 1's model
+        entered.set()
+        assert resume.wait(timeout=30)
+
+    handle = replica._active.model.blocks[0].register_forward_pre_hook(hold)
+    answers = []
+    request = threading.Thread(target=lambda: answers.append(replica.recommend(contexts[:1], top_k=4, beam_width=8)))
+    request.start()
+    try:
+        assert entered.wait(timeout=30)
+        released = weakref.ref(packed1)
+        del packed1
+        replica.apply_weights(2, packed2, checksum_of(packed2))         # swaps while the request runs
+        assert replica.version == 2
+        assert released() is not None, "version 1's buffer must live while a request uses it"
+    finally:
+        resume.set()
+        request.join(timeout=30)
+    handle.remove()
+    assert answers == [expected1]                                      # finished on version 1, bit for bit
+    del answers, expected1, handle
+    assert released() is None, "version 1's buffer must be released after its last request"
+    assert replica.recommend(contexts[:1], top_k=4, beam_width=8)["model_version"] == 2
+
+
+def test_views_are_read_only_and_serving_does_not_write_them(setup):
+    cfg, tok, contexts = setup
+    replica = make_replica(cfg, tok)
+    packed = pack_weights(weights_for(cfg, 1))
+    packed.flags.writeable = False                          # as Ray hands out object-store arrays
+    checksum = checksum_of(packed)
+    replica.apply_weights(1, packed, checksum)
+    replica.recommend(contexts, top_k=4, beam_width=8, temperature=1.0)
+    assert checksum_of(packed) == checksum
+    assert all(torch.equal(a, b) for a, b in zip(replica._active.model.state_dict().values(),
+                                                  unpack_weights(packed).values()))
+
+
 @pytest.mark.integration
 def test_replica_actor_serves_and_swaps(ray_session, setup):
     cfg, tok, contexts = setup
@@ -119,6 +208,13 @@ def test_replica_actor_serves_and_swaps(ray_session, setup):
         with pytest.raises(ValueError, match="not newer"):
             ray.get(actor.apply_weights.remote(2, ray.put(packed2), checksum_of(packed2)), timeout=60)
         assert ray.get(actor.recommend.remote(contexts[:1], 3, 6), timeout=60)["model_version"] == 2
+        corrupted = pack_weights(weights_for(cfg, 3))
+        checksum = checksum_of(corrupted)
+        corrupted[-1] ^= 0xFF
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            ray.get(actor.apply_weights.remote(3, ray.put(corrupted), checksum), timeout=60)
+        health = ray.get(actor.health.remote(), timeout=60)
+        assert health["version"] == 2 and health["zero_copy"]    # serves object-store views on the CPU
     finally:
         ray.kill(actor)
 
