@@ -42,7 +42,7 @@ class LoopConfig:
                                            # pipeline and logged as source "legacy", as in OneRec's traffic
     embedded_feedback_window_s: float = 2.0  # `onerec run` on the embedded broker: simulated users answer
                                            # at once, so the join closes windows after 2 s, not 30 s
-    faust_worker: bool = True              # `onerec run` starts `onerec worker`; false when cluster nodes run theirs
+    join_worker: bool = True               # `onerec run` starts `onerec worker`; false when cluster nodes run theirs
     progress_every_s: float = 2.0
     seed: int = 0
 

@@ -1,17 +1,17 @@
-"""`onerec run`: the whole loop on one machine (or a Ray cluster) - broker, Faust, learner, replicas, bridge, users.
+"""`onerec run`: the whole loop on one machine (or a Ray cluster) - broker, join worker, learner, replicas, bridge, users.
 
 Invariant: everything this command starts it also stops, in reverse order, on Ctrl-C, SIGTERM or
 the end of `--duration`: the simulator, the learner (after a final checkpoint), the bridge, the
-replicas, Ray (when started here), the Faust worker's process group and the embedded broker. No
+replicas, Ray (when started here), the join worker's process group and the embedded broker. No
 process is left behind.
 
 Where the pieces run:
 - broker: the embedded Tansu (`infra.broker.EmbeddedBroker`) when `stream.bootstrap_servers` is on
   loopback and nothing listens there; otherwise the cluster it names (external Kafka);
-- Faust worker: a subprocess `onerec worker` in its own process group. Faust's `Worker` owns its
-  event loop, signal handlers and logging set-up and expects to be a process's main program; a
-  subprocess gives it that, is stopped with one signal to its group, and a crash there is visible
-  (exit code, log file) without taking Ray or the bridge down;
+- join worker: a subprocess `onerec worker` (either `stream.engine`) in its own process group. Both
+  engines own their event loop and signal handlers (Faust's `Worker` also its logging set-up) and
+  expect to be a process's main program; a subprocess gives them that, is stopped with one signal to
+  its group, and a crash there is visible (exit code, log file) without taking Ray or the bridge down;
 - learner (1) and serving replicas (`loop.n_replicas`): Ray actors; the learner pushes weights to
   the replicas itself (the driver never holds weight bytes);
 - bridge (aiohttp) and the user simulator: this process's event loop; the simulator talks to the
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                         help="stop after this many seconds (default: loop.duration_s; 0 = until Ctrl-C)")
     parser.add_argument("--no-traffic", action="store_true", help="start everything but the user simulator")
-    parser.add_argument("--log-dir", default="runs/logs", help="where the Faust worker and broker logs go")
+    parser.add_argument("--log-dir", default="runs/logs", help="where the join worker and broker logs go")
 
 
 def main(args: argparse.Namespace, cfg) -> int:
@@ -278,7 +278,7 @@ class Loop:
             self._say(f"broker: external cluster {cfg.stream.bootstrap_servers}")
         ensure_topics(cfg.stream)
         self._worker_overrides = overrides
-        if cfg.loop.faust_worker:
+        if cfg.loop.join_worker:
             self._start_worker(overrides)
 
         if self.manage_ray and not ray.is_initialized():
@@ -320,7 +320,7 @@ class Loop:
         self.worker_log = open(self.log_dir / "worker.log", "ab")
         self.worker = subprocess.Popen(command, stdout=self.worker_log, stderr=subprocess.STDOUT,
                                        start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self._say(f"faust worker: pid {self.worker.pid} (log {self.log_dir / 'worker.log'})")
+        self._say(f"join worker: pid {self.worker.pid} (log {self.log_dir / 'worker.log'})")
 
     async def _start_learner(self, *, resume: bool, fresh_topics: bool = False) -> None:
         loop_cfg = self.cfg.loop
@@ -371,9 +371,9 @@ class Loop:
                 log.exception("supervisor check failed")
 
     def _check_worker(self) -> None:
-        """A Faust worker that exited is started again (it resumes from its committed offsets)."""
+        """A join worker that exited is started again (it resumes from its committed offsets)."""
         if self.worker is not None and self.worker.poll() is not None and not self._stop.is_set():
-            self._say(f"faust worker exited with {self.worker.returncode}; restarting it "
+            self._say(f"join worker exited with {self.worker.returncode}; restarting it "
                       f"(log {self.log_dir / 'worker.log'})")
             self.worker_log.close()
             self._start_worker(self._worker_overrides)

@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("actors.driver", "run the whole loop on one machine (broker, Ray, Faust, learner, replicas, bridge, simulator)"),
     "broker": ("infra.broker", "start the embedded Kafka-compatible broker (Tansu) and wait"),
     "topics": ("streaming.topics", "create the namespaced, co-partitioned topics on a cluster"),
-    "worker": ("streaming.app", "run the Faust worker that joins impressions with feedback into samples"),
+    "worker": ("streaming.worker", "run the join worker: impressions + feedback into samples (batched or Faust engine)"),
     "replay": ("streaming.replay", "publish a KuaiRand log as impressions and feedback in time order"),
     "pretrain": ("actors.pretrain", "train a model on the KuaiRand week for a bounded time and print recommendations"),
     "serve": ("serving_bridge.server", "run the HTTP bridge in front of serving replicas"),

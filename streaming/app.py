@@ -1,4 +1,4 @@
-"""`onerec worker`: the Faust app that turns impressions + feedback into training samples.
+"""The Faust engine of the join worker (`stream.engine = "faust"`, the reference): impressions + feedback into samples.
 
 Invariant: at-least-once, and no sample is lost by a crash at any point. Each agent works in batches
 (`take_events`) and finishes a batch in this order:
@@ -27,8 +27,7 @@ so at-least-once with idempotent consumers; recovery's offset consistency check 
 recovery reads to the true end of each changelog (`count_every_changelog_record`: ListOffsets
 LATEST answers the last batch's base offset + 1); short session timeouts make group joins quick.
 
-    onerec worker --set stream.bootstrap_servers=127.0.0.1:29092
-    python -m streaming.app --set stream.namespace=test1
+    onerec worker --set stream.engine='"faust"'     # see streaming/worker.py
 """
 from __future__ import annotations
 
@@ -42,11 +41,10 @@ from pathlib import Path
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 
 from streaming.config import StreamConfig
 from streaming.join import WATERMARK_KEY, Batch, RequestJoiner, UserScorer, watermark_heartbeat
-from streaming.client import true_end_offsets
+from streaming.client import default_partition, send_record_batches, true_end_offsets  # noqa: F401
 from streaming.topics import ensure_topics, topic_name
 
 log = logging.getLogger("onerec.worker")
@@ -60,11 +58,6 @@ def _credentials(cfg: StreamConfig):
     ssl_context = cfg.ssl_context() if cfg.security_protocol == "SASL_SSL" else None
     return faust.SASLCredentials(username=cfg.sasl_username, password=cfg.sasl_password,
                                  ssl_context=ssl_context, mechanism=cfg.sasl_mechanism)
-
-
-def default_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (aiokafka's `DefaultPartitioner`, murmur2) gives a key."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class JoinWorker:
@@ -120,7 +113,6 @@ class JoinWorker:
         self.batches = {"join": 0, "score": 0}
         self.timing = {"send": 0.0, "ack": 0.0, "changelog": 0.0, "logic": 0.0}
         self.batch_events = {"join": 0, "score": 0}
-        self._partition_of_key: dict[bytes, int] = {}
         self.joiner = RequestJoiner(cfg, {n: self.tables[n].data for n in RequestJoiner.tables})
         self.scorer = UserScorer(cfg, {n: self.tables[n].data for n in UserScorer.tables})
         self.app.agent(self.inputs, name="join_requests")(self.join_requests)
@@ -191,43 +183,12 @@ class JoinWorker:
         self.timing["changelog"] += time.perf_counter() - t2
 
     async def produce(self, records: list[tuple[str, int | None, bytes, bytes | None]]) -> list:
-        """Queue (topic, partition or None = by key, key, value) records; return their delivery futures.
-
-        Records go as whole record batches per topic partition (aiokafka `send_batch`) through the
-        app's transport producer, in their order within each partition: per-message `send` costs
-        ~100 us of Python per record, more than the join itself. A record without a partition lands
-        where Kafka's default partitioner would put it (murmur2 of the key; every topic has
-        `stream.partitions` partitions), so per-key order and co-partitioning are unchanged.
-        """
+        """Queue (topic, partition or None = by key, key, value) records as whole record batches through
+        the app's transport producer (`streaming.client.send_record_batches`); return their futures."""
         if not records:
             return []
         producer = self.app.producer._ensure_producer()   # the AIOKafkaProducer underneath
-        by_partition: dict[tuple[str, int], list] = {}
-        for topic, partition, key, value in records:
-            if partition is None:
-                partition = self.key_partition(key)
-            by_partition.setdefault((topic, partition), []).append((key, value))
-        futures = []
-        for (topic, partition), messages in by_partition.items():
-            builder = producer.create_batch()
-            for key, value in messages:
-                if builder.append(key=key, value=value, timestamp=None) is None:   # full: send, start another
-                    futures.append(await producer.send_batch(builder, topic, partition=partition))
-                    builder = producer.create_batch()
-                    if builder.append(key=key, value=value, timestamp=None) is None:
-                        raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch "
-                                         f"of producer_max_batch_size for topic {topic}")
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
-        return futures
-
-    def key_partition(self, key: bytes) -> int:
-        """`default_partition` of a key, memoized (the samples of a request share its key)."""
-        partition = self._partition_of_key.get(key)
-        if partition is None:
-            if len(self._partition_of_key) > 100_000:
-                self._partition_of_key.clear()
-            partition = self._partition_of_key[key] = default_partition(key, self.cfg.partitions)
-        return partition
+        return await send_record_batches(producer, records, self.cfg.partitions)
 
     async def send_heartbeats(self, marks: dict[int, float]) -> None:
         """Tell every scorer partition how far each join partition has closed (after the acks of
@@ -261,18 +222,3 @@ def run_worker(cfg: StreamConfig, *, loglevel: str = "warning", create_topics: b
     faust_worker = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     faust_worker.execute_from_commandline()   # returns via SystemExit when stopped
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loglevel", default="warning", help="Faust log level (info shows the join stats)")
-    parser.add_argument("--no-create-topics", action="store_true", help="do not create the topics first")
-
-
-def main(args: argparse.Namespace, cfg) -> int:
-    return run_worker(cfg.stream, loglevel=args.loglevel, create_topics=not args.no_create_topics)
-
-
-if __name__ == "__main__":
-    from onerec.cli import main as cli_main
-
-    sys.exit(cli_main(["worker", *sys.argv[1:]]))

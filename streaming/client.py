@@ -7,7 +7,7 @@ LATEST can be short): readers start from the beginning or from committed offsets
 - `EventPublisher`: impressions and feedback, validated and keyed by request_id.
 - `SampleDeduplicator`: the consumer half of at-least-once - drops repeated `(request_id, item_id)`.
 - `read_events(cfg, kind, ...)`: read a topic from the beginning until a condition or a timeout.
-- `WorkerProcess`: `python -m streaming.app` as a subprocess (tests, benchmark, `onerec run`).
+- `WorkerProcess`: `python -m streaming.worker` (either engine) as a subprocess (tests, benchmark, `onerec run`).
 """
 from __future__ import annotations
 
@@ -83,6 +83,47 @@ class SampleDeduplicator:
         if len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
         return True
+
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as aiokafka and kafka-python) gives a key."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+async def send_record_batches(producer, records: list[tuple[str, int | None, bytes, bytes | None]],
+                              partitions: int, *, memo: dict[bytes, int] | None = None) -> list:
+    """Queue (topic, partition or None = by key, key, value) records on an AIOKafkaProducer as whole
+    record batches per topic partition; return their delivery futures.
+
+    Per-message `send` costs ~100 us of Python per record, more than the join itself. A record
+    without a partition lands where the default partitioner would put it (`default_partition`; every
+    topic has `partitions` partitions), so per-key order and co-partitioning are unchanged; order
+    within each partition is kept. `memo` (key -> partition) may be kept by the caller across calls.
+    """
+    by_partition: dict[tuple[str, int], list] = {}
+    memo = {} if memo is None else memo   # key -> partition; a caller may keep one across calls
+    if len(memo) > 1_000_000:
+        memo.clear()
+    for topic, partition, key, value in records:
+        if partition is None:
+            partition = memo.get(key)
+            if partition is None:
+                partition = memo[key] = default_partition(key, partitions)
+        by_partition.setdefault((topic, partition), []).append((key, value))
+    futures = []
+    for (topic, partition), messages in by_partition.items():
+        builder = producer.create_batch()
+        for key, value in messages:
+            if builder.append(key=key, value=value, timestamp=None) is None:   # full: send, start another
+                futures.append(await producer.send_batch(builder, topic, partition=partition))
+                builder = producer.create_batch()
+                if builder.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a record batch "
+                                     f"(producer max_batch_size) for topic {topic}")
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+    return futures
 
 
 def read_events(cfg: StreamConfig, kind: str, *, until: Callable[[list], bool] | None = None,
@@ -162,7 +203,7 @@ def stream_overrides(cfg: StreamConfig) -> list[str]:
 
 
 class WorkerProcess:
-    """The Faust worker in a subprocess, with its log in a file (dumped by tests on failure)."""
+    """The join worker (`stream.engine`) in a subprocess, with its log in a file (dumped by tests on failure)."""
 
     def __init__(self, cfg: StreamConfig, *, log_path: str | Path | None = None, loglevel: str = "info"):
         self.cfg = cfg
@@ -171,7 +212,7 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
-        cmd = [sys.executable, "-m", "streaming.app", "--loglevel", self.loglevel, "--no-create-topics",
+        cmd = [sys.executable, "-m", "streaming.worker", "--loglevel", self.loglevel, "--no-create-topics",
                *stream_overrides(self.cfg)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         root = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+ENGINES = ("batched", "faust")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 
@@ -38,6 +39,8 @@ class StreamConfig:
     closed_retention_s: float = 600.0            # event seconds a closed request id is remembered
     dead_letter_suffix: str = "dead-letters"
     # --- Faust
+    engine: str = "batched"                      # join engine: "batched" (streaming/batch_worker.py) or
+                                                 # "faust" (streaming/app.py, the reference); same topics
     faust_app_id: str = "join"                   # full id is f"{namespace}-{faust_app_id}"
     faust_store: str = "memory://"               # rocksdb:// needs python-rocksdb (not installed)
     session_timeout_ms: int = 10_000             # the embedded broker completes a join after half of it
@@ -78,6 +81,8 @@ class StreamConfig:
             raise ValueError(f"stream.sasl_mechanism is required with security_protocol={self.security_protocol}")
         if not self.broker_storage.startswith(("memory://", "s3://")):
             raise ValueError(f"stream.broker_storage must start with memory:// or s3://, got {self.broker_storage!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"stream.engine must be one of {ENGINES}, got {self.engine!r}")
         if not self.faust_store.startswith(("memory://", "rocksdb://")):
             raise ValueError(f"stream.faust_store must be memory:// or rocksdb://, got {self.faust_store!r}")
         if not self.faust_app_id or not self.dead_letter_suffix:

@@ -28,6 +28,11 @@ def topic_name(cfg: StreamConfig, kind: str) -> str:
     return f"{cfg.namespace}.{suffix}"
 
 
+def changelog_topic(cfg: StreamConfig, table: str) -> str:
+    """Changelog topic of a join Table: Faust's own naming, so both engines share the state."""
+    return f"{cfg.app_id}-{table}-changelog"
+
+
 def topic_settings() -> dict[str, dict[str, str]]:
     """Per kind, the CreateTopics configs of infra/topics.toml."""
     with open(TOPIC_SETTINGS, "rb") as f:
@@ -69,6 +74,30 @@ def ensure_topics(cfg: StreamConfig, kinds: tuple[str, ...] = PUBLIC_TOPICS + IN
     finally:
         admin.close()
     return list(names)
+
+
+def ensure_changelog_topics(cfg: StreamConfig, tables: tuple[str, ...]) -> list[str]:
+    """Create the join's changelog topics (compacted, `stream.partitions` partitions) if missing.
+
+    The Faust engine creates its own; the batched engine (streaming/batch_worker.py) calls this.
+    """
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    names = [changelog_topic(cfg, t) for t in tables]
+    admin = admin_client(cfg)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, cfg.partitions, cfg.replication_factor, topic_configs={"cleanup.policy": "compact"})
+               for name in names if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+    return names
 
 
 def delete_topics(cfg: StreamConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""The closed loop on CPU: broker, Faust worker, learner, 2 replicas, bridge and simulated users.
+"""The closed loop on CPU: broker, join worker, learner, 2 replicas, bridge and simulated users.
 
 One test, about a minute and a half: the version advances and replicas serve it, impressions carry
 logprobs and versions, samples are trained with a finite loss; a replica killed mid-traffic loses
@@ -118,7 +118,7 @@ def test_closed_loop(tmp_path, ray_session, stream_config):
     for imp in legacy:                       # other traffic: no pi_old, so GBPO uses sg(pi)
         assert all(item["logprob"] is None for item in imp["items"])
     assert len({imp["model_version"] for imp in ours}) >= 2
-    assert loop.worker.poll() is not None, "the Faust worker is still running"
+    assert loop.worker.poll() is not None, "the join worker is still running"
 
 
 async def _true(value: bool) -> bool:
