@@ -150,9 +150,9 @@ class JoinWorker:
             self.timing["logic"] += time.perf_counter() - t0
             batch = self.joiner.drain()
             await self.commit(batch)
-            advanced = {p: m for p, m in batch.closed_through.items() if m > self.closed_through.get(p, float("-inf"))}
-            self.closed_through.update(advanced)
-            await self.send_heartbeats(advanced)
+            changed = {p: m for p, m in batch.closed_through.items() if m != self.closed_through.get(p)}
+            self.closed_through.update(changed)   # the latest mark: it falls back when an idle input resumes
+            await self.send_heartbeats(changed)
 
     async def score_samples(self, stream):
         async for events in stream.take_events(self.cfg.batch_max, within=self.cfg.batch_within_s):

@@ -23,7 +23,9 @@ Tables: each table is a dict; on every (re)assignment the worker drops its state
 assigned partitions of every changelog from the beginning to the fetch high watermark (the true end:
 the embedded broker's ListOffsets LATEST is short, see docs). Idle partitions still close their
 windows: the loop runs `close_due` after every fetch, empty or not, and repeats the stage-1
-watermark heartbeats every `tick_interval_s`.
+watermark heartbeats every `tick_interval_s`. An input counts as idle only when nothing is left to
+read in it (position = fetch high watermark) - a backlogged or just-restored reader never closes a
+window on the wall clock.
 
     onerec worker                                  # stream.engine = "batched" (default)
     onerec worker --set stream.engine='"faust"'    # the Faust app
@@ -77,7 +79,7 @@ class BatchJoinWorker:
         self.stores: dict[str, dict[bytes, bytes]] = {t: {} for t in TABLES}
         self.joiner = RequestJoiner(cfg, {t: self.stores[t] for t in RequestJoiner.tables})
         self.scorer = UserScorer(cfg, {t: self.stores[t] for t in UserScorer.tables})
-        self.closed_through: dict[int, float] = {}  # stage-1 partition -> mark whose joined records are acked
+        self.closed_through: dict[int, float] = {}  # stage-1 partition -> latest mark whose joined records are acked
         self.counts = {"batches": 0, "events": 0, "restored_records": 0}
         self.timing = {"fetch": 0.0, "logic": 0.0, "wait": 0.0, "outputs": 0.0, "changelog": 0.0, "commit": 0.0}
         self.consumer: AIOKafkaConsumer | None = None
@@ -146,6 +148,12 @@ class BatchJoinWorker:
                     for r in records:
                         on_message(kind, tp.partition, r.key, r.value)
                 offsets[tp] = records[-1].offset + 1
+            for tp in self.consumer.assignment():   # an input with records left to read is not idle
+                kind = self.kind_of_topic[tp.topic]
+                if kind != "joined":
+                    high = self.consumer.highwater(tp)
+                    if high is None or await self.consumer.position(tp) < high:
+                        self.joiner.input_behind(tp.partition, kind)
             self.joiner.close_due()    # also on an empty fetch: idle partitions close by wall clock
             self.scorer.release()
             stage1, stage2 = self.joiner.drain(), self.scorer.drain()
@@ -192,16 +200,16 @@ class BatchJoinWorker:
     async def _heartbeats(self, stage1: Batch) -> None:
         """Stage-1 watermarks to every scorer partition: after the joined records they cover are
         acked (so a heartbeat never overtakes a record), and again every `tick_interval_s`."""
-        advanced = {p: m for p, m in stage1.closed_through.items() if m > self.closed_through.get(p, float("-inf"))}
-        self.closed_through.update(advanced)
+        changed = {p: m for p, m in stage1.closed_through.items() if m != self.closed_through.get(p)}
+        self.closed_through.update(changed)   # the latest mark: it falls back when an idle input resumes
         now = time.monotonic()
         if now - self._last_beat >= self.cfg.tick_interval_s:
-            advanced, self._last_beat = dict(self.closed_through), now
-        if not advanced:
+            changed, self._last_beat = dict(self.closed_through), now
+        if not changed:
             return
         joined = self.output_names["joined"]
         beats = [(joined, partition, WATERMARK_KEY, watermark_heartbeat(source, mark))
-                 for source, mark in advanced.items() for partition in range(self.cfg.partitions)]
+                 for source, mark in changed.items() for partition in range(self.cfg.partitions)]
         await self._produce_and_wait(beats)
 
     # ---- tables --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The join and the reward shaping as plain state machines; streaming/app.py runs them in Faust agents.
+"""The join and the reward shaping as plain state machines; the workers (streaming/batch_worker.py, and
+streaming/app.py under Faust) drive them batch by batch.
 
 Invariant (at-least-once, idempotent): for every impression, exactly one sample per shown item reaches
 the samples topic at least once, and every copy of it is identical; redeliveries, duplicated events
@@ -29,22 +30,38 @@ feedback become dead letters with the reason and the original bytes.
 
 State lives in byte-keyed, byte-valued mappings (the Faust Tables' stores); every change is also
 recorded as a `StateWrite` for the changelog, the last one per key and batch (a key created and
-deleted within one batch writes nothing: the changelog never had it). Watermarks and deadline heaps are derived from the
-stores and rebuilt after a restart.
+deleted within one batch writes nothing: the changelog never had it). Watermarks and deadline heaps
+are derived from the stores and rebuilt after a restart. State a batch creates may wait in memory
+until `drain()` (each stage's docstring says which); the stores and writes a batch leaves are the
+same as if every change had gone to a store at once.
+
+Bytes, not dicts, on the hot path: the user context (most of an impression's bytes) is decoded and
+checked once, when the impression arrives, and encoded once; from then on it travels as those JSON
+bytes and is spliced into the `joined` record and into every sample (`_with_member`). Values are
+lines of JSON (orjson never writes a newline inside a document: lines split at the first newlines):
+- `joined` record: line 1 the request without its context, with `feedback` (item_id -> feedback
+  event); line 2 its context (`encode_joined` / `decode_joined`).
+- `impressions` store: `[partition, user_id, ts, [shown item ids]]`, then the two lines of the joined
+  record (without `feedback`); `waiting` store: `[partition, ts]`, then the joined record.
+- `users` store: the recent request ids (JSON), then the history: rows of three little-endian
+  float64 (duration bucket, play_time_s, ts), sorted by ts (`encode_user` / `decode_user` /
+  `history_rows`).
 """
 from __future__ import annotations
 
 import heapq
+import struct
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import orjson
 
 from streaming import schemas
 from streaming.config import StreamConfig
-from streaming.reward import duration_bucket, engagement_score
+from streaming.reward import EMPTY_HISTORY_SCORE, duration_bucket
 from streaming.schemas import SchemaError
 
 Store = MutableMapping[bytes, bytes]
@@ -52,15 +69,13 @@ INPUTS = ("impressions", "feedback")
 MAX_MARK = 1e18   # "everything": an idle partition's watermark, JSON-safe
 
 
-@dataclass
-class Output:
+class Output(NamedTuple):   # tuples of bytes and str: the garbage collector soon stops tracking them
     kind: str            # topic kind: "joined", "samples", "dead-letters"
     key: bytes
     value: bytes
 
 
-@dataclass
-class StateWrite:
+class StateWrite(NamedTuple):
     table: str           # which store
     partition: int       # changelog partition (= the input partition that owns the key)
     key: bytes
@@ -103,18 +118,19 @@ class _Stage:
         self.stats = JoinStats()
 
     def _put(self, table: str, partition: int, key: bytes, value: bytes | None) -> None:
-        store, slot = self.stores[table], (table, key)
-        if slot not in self.batch.writes and slot not in self.batch.created and key not in store:
-            self.batch.created.add(slot)
+        store, batch, slot = self.stores[table], self.batch, (table, key)
+        created, writes = batch.created, batch.writes
+        if slot not in writes and slot not in created and key not in store:
+            created.add(slot)
         if value is None:
             store.pop(key, None)
+            if slot in created:
+                # created and deleted within this batch: the changelog never had it, no tombstone needed
+                writes.pop(slot, None)
+                return
         else:
             store[key] = value
-        if value is None and slot in self.batch.created:
-            # created and deleted within this batch: the changelog never had it, no tombstone needed
-            self.batch.writes.pop(slot, None)
-        else:
-            self.batch.writes[slot] = StateWrite(table, partition, key, value)
+        writes[slot] = StateWrite(table, partition, key, value)
 
     def _dead(self, *, topic: str, reason: str, original: bytes, key: bytes | None) -> None:
         letter = schemas.dead_letter(topic=topic, reason=reason, original=original, ts=self.wall_clock())
@@ -127,8 +143,56 @@ class _Stage:
         return batch
 
 
+def _first_line(value: bytes):
+    """The JSON document on the first line of a stored value (its small header)."""
+    end = value.find(b"\n")
+    return orjson.loads(value if end < 0 else value[:end])
+
+
+def _with_member(obj: bytes, name: bytes, value: bytes) -> bytes:
+    """JSON object bytes `obj` (orjson's, not empty, without a member `name`) with `"name": value` added."""
+    return b"".join((obj[:-1], b',"', name, b'":', value, b"}"))
+
+
+def _joined_head(head: bytes, feedback: dict) -> bytes:
+    """Line 1 of a joined record: the request without its context (`head`), with its feedback."""
+    if b'"feedback"' in head:   # the impression has a member of that name (or the string): the join's wins
+        return orjson.dumps(dict(orjson.loads(head), feedback=feedback))
+    return _with_member(head, b"feedback", orjson.dumps(feedback))
+
+
+def _impression_of(head: bytes, context: bytes) -> schemas.Impression:
+    """The impression of the two lines stage 1 keeps, decoded (for the duplicate check)."""
+    return dict(orjson.loads(head), context=orjson.loads(context))
+
+
+def encode_joined(joined: dict) -> bytes:
+    """A joined record (an impression with `feedback`) in stage 1's format: the request, then its context."""
+    head = {name: value for name, value in joined.items() if name != "context"}
+    return orjson.dumps(head) + b"\n" + orjson.dumps(joined["context"])
+
+
+def decode_joined(raw: bytes) -> dict:
+    """A joined record as one dict (impression fields, `context`, `feedback`); for tests and debugging."""
+    head, _, context = raw.partition(b"\n")
+    return dict(orjson.loads(head), context=orjson.loads(context))
+
+
+def _impression_meta(partition: int, imp: schemas.Impression) -> tuple:
+    """What feedback is checked against: (partition, user_id, ts, shown item ids)."""
+    return partition, imp["user_id"], imp["ts"], tuple([item["item_id"] for item in imp["items"]])
+
+
 class RequestJoiner(_Stage):
-    """Stage 1: impressions x feedback by request_id, closed by event-time windows."""
+    """Stage 1: impressions x feedback by request_id, closed by event-time windows.
+
+    State that a batch creates waits in `_arrived` (impressions: the lines of their store value, as a
+    tuple of bytes and numbers, which the garbage collector soon stops tracking), `_feedback` (feedback
+    entries it created or changed, decoded) and `_closed` (closed markers), and reaches the stores at
+    `drain` (or before `rebuild_deadlines`): a request that opens and closes, and is forgotten, within
+    one batch (the common case when catching up) never touches a store, and the stores and changelog
+    after the batch are what they would be with every change stored.
+    """
 
     tables = ("impressions", "feedback", "closed")
 
@@ -139,6 +203,10 @@ class RequestJoiner(_Stage):
         self.last_wall: dict[tuple[int, str], float] = {}   # (partition, input) -> wall time of its last event
         self.first_wall: dict[int, float] = {}              # partition -> wall time it was first seen
         self._deadlines: dict[int, list] = {}          # partition -> heap of (event ts, kind, request_id)
+        # request_id -> (`_impression_meta`, the impression without its context as JSON, the context as JSON)
+        self._arrived: dict[bytes, tuple[tuple, bytes, bytes]] = {}
+        self._feedback: dict[bytes, dict] = {}   # request_id -> {"p": partition, "fb": [{"event", "raw"}]}
+        self._closed: dict[bytes, tuple[int, bytes]] = {}   # request_id -> (partition, closed marker)
 
     # --- inputs
     def on_message(self, topic_kind: str, partition: int, key: bytes | None, raw: bytes) -> None:
@@ -157,6 +225,11 @@ class RequestJoiner(_Stage):
                 raise SchemaError(f"unexpected topic kind {topic_kind!r}")
         except SchemaError as exc:
             self._dead(topic=topic_kind, reason=exc.reason, original=raw, key=key)
+
+    def input_behind(self, partition: int, kind: str) -> None:
+        """The reader knows records of this input wait to be read: it is not idle, whatever the wall
+        clock says (a slow, backlogged or just-restored reader must not close windows early)."""
+        self.last_wall[(partition, kind)] = self.wall_clock()
 
     def watermark(self, partition: int) -> float:
         """Event time up to which partition `partition` is complete: the smallest of the inputs'
@@ -181,44 +254,95 @@ class RequestJoiner(_Stage):
             if mark > float("-inf"):
                 self.batch.closed_through[partition] = min(mark, MAX_MARK)
 
+    def drain(self) -> Batch:
+        self._store_arrived()
+        return super().drain()
+
     def _advance(self, partition: int, kind: str, ts: float) -> None:
         if ts > self.max_ts.get((partition, kind), float("-inf")):
             self.max_ts[(partition, kind)] = ts
+
+    # --- open state: this batch's (decoded) first, then the stores'
+    def _meta(self, rid: bytes) -> Sequence | None:
+        """`_impression_meta` of the open impression of `rid`, or None."""
+        arrived = self._arrived.get(rid)
+        if arrived is not None:
+            return arrived[0]
+        value = self.stores["impressions"].get(rid)
+        return None if value is None else _first_line(value)
+
+    def _feedback_entry(self, rid: bytes) -> dict | None:
+        """The feedback waiting for `rid`, decoded (changing it: put it into `_feedback`), or None."""
+        entry = self._feedback.get(rid)
+        if entry is None:
+            raw = self.stores["feedback"].get(rid)
+            if raw is not None:
+                entry = orjson.loads(raw)
+        return entry
+
+    def _take_feedback(self, partition: int, rid: bytes) -> list[dict]:
+        """Remove the feedback waiting for `rid`; returns its [{"event", "raw"}]."""
+        entry = self._feedback.pop(rid, None)
+        stored = self.stores["feedback"].get(rid)
+        if stored is not None:
+            entry = entry if entry is not None else orjson.loads(stored)
+            self._put("feedback", partition, rid, None)
+        return entry["fb"] if entry is not None else []
+
+    def _store_arrived(self) -> None:
+        """Put this batch's open state into the stores (recording the changelog writes)."""
+        for rid, (meta, head, context) in self._arrived.items():
+            self._put("impressions", meta[0], rid, b"\n".join((orjson.dumps(meta), head, context)))
+        for rid, entry in self._feedback.items():
+            if entry["fb"]:
+                self._put("feedback", entry["p"], rid, orjson.dumps(entry))
+            elif rid in self.stores["feedback"]:
+                self._put("feedback", entry["p"], rid, None)
+        for rid, (partition, marker) in self._closed.items():
+            self._put("closed", partition, rid, marker)
+        self._arrived.clear()
+        self._feedback.clear()
+        self._closed.clear()
 
     def _on_impression(self, partition: int, imp: schemas.Impression, raw: bytes) -> None:
         self.stats.impressions += 1
         self._advance(partition, "impressions", imp["ts"])
         rid = imp["request_id"].encode()
-        if rid in self.stores["closed"]:
+        if rid in self._closed or rid in self.stores["closed"]:
             self.stats.duplicates += 1      # redelivery of a request already joined
             return
-        old = self.stores["impressions"].get(rid)
-        if old is not None:
-            if orjson.loads(old)["imp"] == imp:
+        arrived = self._arrived.get(rid)
+        if arrived is None:
+            stored = self.stores["impressions"].get(rid)
+            arrived = None if stored is None else stored.split(b"\n", 2)
+        if arrived is not None:   # the request is open: a redelivery, or a clash
+            if _impression_of(arrived[1], arrived[2]) == imp:
                 self.stats.duplicates += 1
                 return
             self._dead(topic="impressions", reason=f"request_id {imp['request_id']!r} already used by a "
                        "different impression", original=raw, key=rid)
             return
-        self._put("impressions", partition, rid, orjson.dumps({"p": partition, "imp": imp}))
+        head = dict(imp)
+        context = orjson.dumps(head.pop("context"))
+        meta = _impression_meta(partition, imp)
+        self._arrived[rid] = (meta, orjson.dumps(head), context)
         heapq.heappush(self._deadlines.setdefault(partition, []), (imp["ts"] + self.window, 0, rid))
-        waiting = self.stores["feedback"].get(rid)
-        if waiting is not None:   # feedback that arrived first: check it against the impression now
-            entry = orjson.loads(waiting)
-            kept = [f for f in entry["fb"] if self._joinable(imp, f["event"], f["raw"].encode())]
-            entry["fb"] = kept
-            self._put("feedback", partition, rid, orjson.dumps(entry) if kept else None)
+        entry = self._feedback_entry(rid)
+        if entry is not None:   # feedback that arrived first: check it against the impression now
+            entry["fb"] = [f for f in entry["fb"] if self._joinable(meta, f["event"], f["raw"].encode())]
+            self._feedback[rid] = entry
 
-    def _joinable(self, imp: schemas.Impression, fb: schemas.Feedback, raw: bytes) -> bool:
-        """Feedback that can never join this impression becomes a dead letter here."""
-        rid = imp["request_id"]
-        if fb["user_id"] != imp["user_id"]:
-            reason = f"user_id {fb['user_id']} does not match the impression's user_id {imp['user_id']}"
-        elif all(item["item_id"] != fb["item_id"] for item in imp["items"]):
+    def _joinable(self, meta: Sequence, fb: schemas.Feedback, raw: bytes) -> bool:
+        """Feedback that can never join this impression (`meta`: `_impression_meta`) becomes a dead letter here."""
+        _, user_id, ts, shown = meta
+        rid = fb["request_id"]
+        if fb["user_id"] != user_id:
+            reason = f"user_id {fb['user_id']} does not match the impression's user_id {user_id}"
+        elif fb["item_id"] not in shown:
             reason = f"item_id {fb['item_id']} was not shown in request {rid!r}"
-        elif fb["ts"] > imp["ts"] + self.window:
+        elif fb["ts"] > ts + self.window:
             reason = (f"late feedback: ts {fb['ts']} is after the feedback window of request {rid!r} "
-                      f"(impression ts {imp['ts']} + {self.window} s)")
+                      f"(impression ts {ts} + {self.window} s)")
         else:
             return True
         self._dead(topic="feedback", reason=reason, original=raw, key=rid.encode())
@@ -228,7 +352,7 @@ class RequestJoiner(_Stage):
         self.stats.feedback += 1
         self._advance(partition, "feedback", fb["ts"])
         rid = fb["request_id"].encode()
-        closed = self.stores["closed"].get(rid)
+        closed = self._closed[rid][1] if rid in self._closed else self.stores["closed"].get(rid)
         if closed is not None:
             joined = orjson.loads(closed)["fb"].get(str(fb["item_id"]))
             if joined is not None and joined == [fb["ts"], fb["play_time_s"]]:
@@ -237,11 +361,13 @@ class RequestJoiner(_Stage):
                 self._dead(topic="feedback", reason=f"late feedback: the window of request "
                            f"{fb['request_id']!r} closed before it arrived", original=raw, key=rid)
             return
-        imp_raw = self.stores["impressions"].get(rid)
-        if imp_raw is not None and not self._joinable(orjson.loads(imp_raw)["imp"], fb, raw):
+        meta = self._meta(rid)
+        if meta is not None and not self._joinable(meta, fb, raw):
             return
-        entry_raw = self.stores["feedback"].get(rid)
-        entry = orjson.loads(entry_raw) if entry_raw is not None else {"p": partition, "fb": []}
+        entry = self._feedback_entry(rid)
+        orphan = meta is None and entry is None   # an orphan so far: it gets a deadline
+        if entry is None:
+            entry = {"p": partition, "fb": []}
         for i, f in enumerate(entry["fb"]):
             if f["event"]["item_id"] == fb["item_id"]:
                 if f["event"] == fb:
@@ -252,9 +378,9 @@ class RequestJoiner(_Stage):
                 break
         else:
             entry["fb"].append({"event": fb, "raw": raw.decode()})
-            if imp_raw is None and entry_raw is None:  # an orphan so far: give it a deadline
+            if orphan:
                 heapq.heappush(self._deadlines.setdefault(partition, []), (fb["ts"] + self.window, 1, rid))
-        self._put("feedback", partition, rid, orjson.dumps(entry))
+        self._feedback[rid] = entry
 
     # --- closing
     def _close_due(self, partition: int, mark: float, *, forget_before: float) -> None:
@@ -262,12 +388,13 @@ class RequestJoiner(_Stage):
         retention ended before the newest event time (never on idleness alone)."""
         heap = self._deadlines.get(partition)
         keep = []
-        while heap and heap[0][0] <= max(mark, forget_before):
+        until = max(mark, forget_before)
+        while heap and heap[0][0] <= until:
             entry = heapq.heappop(heap)
             deadline, kind, rid = entry
             if kind == 2:
                 if deadline <= forget_before:
-                    if rid in self.stores["closed"]:
+                    if self._closed.pop(rid, None) is None and rid in self.stores["closed"]:
                         self._put("closed", partition, rid, None)
                 else:
                     keep.append(entry)
@@ -281,42 +408,41 @@ class RequestJoiner(_Stage):
             heapq.heappush(heap, entry)
 
     def _close_request(self, partition: int, rid: bytes) -> None:
-        imp_raw = self.stores["impressions"].get(rid)
-        if imp_raw is None:
-            return  # already closed (a stale heap entry)
-        imp = orjson.loads(imp_raw)["imp"]
-        fb_raw = self.stores["feedback"].get(rid)
-        feedback = {str(f["event"]["item_id"]): f["event"] for f in orjson.loads(fb_raw)["fb"]} if fb_raw else {}
-        joined = dict(imp, feedback=feedback)
-        self.batch.outputs.append(Output("joined", str(imp["user_id"]).encode(), orjson.dumps(joined)))
+        arrived = self._arrived.pop(rid, None)
+        if arrived is not None:
+            (_, user_id, ts, _), head, context = arrived
+        else:
+            stored = self.stores["impressions"].get(rid)
+            if stored is None:
+                return  # already closed (a stale heap entry)
+            meta, head, context = stored.split(b"\n", 2)
+            _, user_id, ts, _ = orjson.loads(meta)
+            self._put("impressions", partition, rid, None)
+        feedback = {str(f["event"]["item_id"]): f["event"] for f in self._take_feedback(partition, rid)}
+        joined = _joined_head(head, feedback) + b"\n" + context
+        self.batch.outputs.append(Output("joined", str(user_id).encode(), joined))
         self.stats.joined_requests += 1
         self.stats.joined_feedback += len(feedback)
-        self._put("impressions", partition, rid, None)
-        if fb_raw is not None:
-            self._put("feedback", partition, rid, None)
-        forget_at = imp["ts"] + self.window + self.cfg.closed_retention_s
+        forget_at = ts + self.window + self.cfg.closed_retention_s
         marker = {"p": partition, "forget_at": forget_at,
                   "fb": {k: [f["ts"], f["play_time_s"]] for k, f in feedback.items()}}
-        self._put("closed", partition, rid, orjson.dumps(marker))
+        self._closed[rid] = (partition, orjson.dumps(marker))
         heapq.heappush(self._deadlines.setdefault(partition, []), (forget_at, 2, rid))
 
     def _expire_orphan(self, partition: int, rid: bytes) -> None:
-        if rid in self.stores["impressions"]:
+        if rid in self._arrived or rid in self.stores["impressions"]:
             return  # its impression came: the request's own deadline closes it
-        fb_raw = self.stores["feedback"].get(rid)
-        if fb_raw is None:
-            return
-        for f in orjson.loads(fb_raw)["fb"]:
+        for f in self._take_feedback(partition, rid):
             self._dead(topic="feedback", reason=f"no impression for request_id {f['event']['request_id']!r} "
                        "within the feedback window", original=f["raw"].encode(), key=rid)
-        self._put("feedback", partition, rid, None)
 
     def rebuild_deadlines(self) -> None:
         """Derive the deadline heaps from the stores (after a restart or a rebalance)."""
+        self._store_arrived()   # this batch's open state too
         heaps: dict[int, list] = {}
         for rid, raw in self.stores["impressions"].items():
-            entry = orjson.loads(raw)
-            heaps.setdefault(entry["p"], []).append((entry["imp"]["ts"] + self.window, 0, rid))
+            partition, _, ts, _ = _first_line(raw)
+            heaps.setdefault(partition, []).append((ts + self.window, 0, rid))
         for rid, raw in self.stores["feedback"].items():
             entry = orjson.loads(raw)
             if entry["fb"] and rid not in self.stores["impressions"]:
@@ -330,14 +456,42 @@ class RequestJoiner(_Stage):
         self._deadlines = heaps
 
 
-_NO_PLAYS = {"item_id": [], "duration_s": [], "play_time_s": [], "flags": []}
-_CHECKED_CONTEXT = {"profile": [0], "short": _NO_PLAYS, "long": _NO_PLAYS}   # stands in for a checked context
 WATERMARK_KEY = b"\x00watermark"   # key of stage 1's watermark heartbeats on the joined topic
+BUCKET_MEMO_SIZE = 100_000         # duration -> bucket entries kept (video durations repeat)
+HISTORY_DTYPE = "<f8"               # a user's history rows: little-endian float64
+HISTORY_ROW = 24                    # bytes per row: bucket, play_time_s, ts
+_FLOAT64 = struct.Struct(HISTORY_DTYPE[0] + "d")
 
 
 def watermark_heartbeat(source_partition: int, closed_through: float) -> bytes:
-    """Stage 1 -> stage 2: every request of `source_partition` with ts + window <= closed_through is out."""
+    """Stage 1 -> stage 2: every request of `source_partition` with ts + window <= closed_through is out.
+
+    Marks of one source normally grow; an idle source's is MAX_MARK, and it falls back to a finite
+    mark when the source has events again (stage 2 keeps the latest, so it waits for them)."""
     return orjson.dumps({"src": source_partition, "closed_through": closed_through})
+
+
+def engagement_q(plays: np.ndarray, play_time: float) -> float:
+    """`reward.engagement_score(plays, play_time)` for one play time, without its sort (the join's hot path)."""
+    if plays.size == 0:
+        return EMPTY_HISTORY_SCORE
+    return int(np.count_nonzero(plays <= play_time)) / plays.size
+
+
+def encode_user(recent: list[str], history: bytes) -> bytes:
+    """A `users` store value: the recent request ids (JSON, oldest first), then the history rows."""
+    return orjson.dumps(recent) + b"\n" + history
+
+
+def decode_user(value: bytes) -> tuple[list[str], bytes]:
+    recent, _, history = value.partition(b"\n")
+    return orjson.loads(recent), history
+
+
+def history_rows(history: bytes) -> np.ndarray:
+    """(H, 3) float64 rows [duration bucket, play_time_s, ts], sorted by ts, of a user's history bytes:
+    appending and truncating rows are byte slices; numpy reads them without a copy."""
+    return np.frombuffer(history, dtype=HISTORY_DTYPE).reshape(-1, 3)
 
 
 class UserScorer(_Stage):
@@ -346,6 +500,13 @@ class UserScorer(_Stage):
     A joined request waits (Table `waiting`) until every stage-1 partition has closed all requests
     up to its ts (their heartbeats say so); then requests are scored in ts order, so the history a
     request is scored against never depends on the order in which partitions closed windows.
+    Lateness: a stage-1 partition idle for `idle_close` says it has closed everything (MAX_MARK). If
+    it gets events again, the latest heartbeat counts, so later requests wait for it again; but a
+    request of another partition released in between is not scored again, so a user's earlier
+    request arriving through the resumed partition misses that one's history (as late data does).
+    A request that arrives and is scored within one batch (the common case when catching up) never
+    reaches the store: it waits decoded in `_arrived`, and `drain` stores only the ones still waiting,
+    which is what the changelog would hold anyway.
     """
 
     tables = ("users", "waiting")
@@ -355,6 +516,13 @@ class UserScorer(_Stage):
         self.closed_through: dict[tuple[int, int], float] = {}   # (my partition, source partition) -> mark
         self._ready: dict[int, list] = {}                         # my partition -> heap of (ts, request_id)
         self._seen_partitions: set[int] = set()
+        self._bucket_of: dict[float, int] = {}                    # duration_s -> duration bucket
+        # request_id -> warm-start history from its (checked) context, of the stored waiting requests of
+        # users unknown on arrival (a cache: after a restart it is computed again)
+        self._warm: dict[bytes, bytes] = {}
+        # request_id -> (partition, line 1 decoded, context bytes, record, warm-start history or None): the
+        # requests that arrived in this batch and wait; `drain` puts the rest into the `waiting` store
+        self._arrived: dict[bytes, tuple[int, dict, bytes, bytes, bytes | None]] = {}
 
     def on_joined(self, partition: int, key: bytes | None, raw: bytes) -> None:
         if partition not in self._seen_partitions:   # start, restart or rebalance: Tables just restored
@@ -363,29 +531,35 @@ class UserScorer(_Stage):
         if key == WATERMARK_KEY:
             beat = orjson.loads(raw)
             slot = (partition, int(beat["src"]))
-            self.closed_through[slot] = max(self.closed_through.get(slot, float("-inf")), float(beat["closed_through"]))
+            # the latest mark, not the largest: an idle source says "everything" (MAX_MARK) and, once it
+            # has events again, a finite mark that new requests from other sources must wait for
+            self.closed_through[slot] = float(beat["closed_through"])
             return
         try:
-            joined = orjson.loads(raw)
-            if not isinstance(joined, dict):
-                raise SchemaError("joined record must be a JSON object")
-            context = joined.get("context")
-            if not isinstance(context, dict):
+            head, newline, context = raw.partition(b"\n")
+            joined = orjson.loads(head)
+            if not isinstance(joined, dict) or not newline:
+                raise SchemaError("joined record must be a JSON object, then its context on a second line")
+            if not (context.startswith(b"{") and context.endswith(b"}")):
                 raise SchemaError("context must be an object with profile, short, long")
-            # Stage 1 validated the whole impression before joining it. The context's histories (the
-            # bulk of the record) are read here only to warm-start a user the Table has not seen:
-            # checked then; every other field is checked on every record.
-            schemas.validate_impression(dict(joined, context=_CHECKED_CONTEXT))
+            # Stage 1 validated the whole impression and wrote its context's JSON bytes. The context (the
+            # bulk of the record) is parsed here only to warm-start a user the Table has not seen: checked
+            # then; every other field is checked on every record. Samples carry the context's bytes as they are.
+            schemas.validate_impression(joined, check_context=False)
+            warm = None
             if str(joined["user_id"]).encode() not in self.stores["users"]:
-                schemas.validate_context(context)
+                warm = self._warm_start(schemas.decode_context(context))
             if not isinstance(joined.get("feedback"), dict):
                 raise SchemaError("feedback must be an object of item_id -> feedback")
-        except (orjson.JSONDecodeError, SchemaError) as exc:
-            self._dead(topic="joined", reason=getattr(exc, "reason", str(exc)), original=raw, key=key)
+        except SchemaError as exc:
+            self._dead(topic="joined", reason=exc.reason, original=raw, key=key)
+            return
+        except orjson.JSONDecodeError as exc:
+            self._dead(topic="joined", reason=str(exc), original=raw, key=key)
             return
         rid = joined["request_id"].encode()
-        if rid not in self.stores["waiting"]:
-            self._put("waiting", partition, rid, orjson.dumps(dict(joined, _p=partition)))
+        if rid not in self._arrived and rid not in self.stores["waiting"]:
+            self._arrived[rid] = (partition, joined, context, raw, warm)
             heapq.heappush(self._ready.setdefault(partition, []), (joined["ts"], rid))
 
     def release(self) -> None:
@@ -396,63 +570,103 @@ class UserScorer(_Stage):
             mark = min(marks)
             while heap and heap[0][0] + window <= mark:
                 _, rid = heapq.heappop(heap)
+                arrived = self._arrived.pop(rid, None)
+                if arrived is not None:
+                    _, joined, context, _, warm = arrived
+                    self._score(partition, joined, context, warm)
+                    continue
                 raw = self.stores["waiting"].get(rid)
                 if raw is None:
                     continue
                 self._put("waiting", partition, rid, None)
-                self._score(partition, orjson.loads(raw))
+                _, head, context = raw.split(b"\n", 2)
+                self._score(partition, orjson.loads(head), context, self._warm.pop(rid, None))
+
+    def drain(self) -> Batch:
+        """Store the requests of this batch that still wait, then hand over the batch."""
+        for rid, (partition, joined, _, raw, warm) in self._arrived.items():
+            self._put("waiting", partition, rid, orjson.dumps([partition, joined["ts"]]) + b"\n" + raw)
+            if warm is not None:
+                self._warm[rid] = warm
+        self._arrived.clear()
+        return super().drain()
 
     def rebuild_waiting(self) -> None:
         heaps: dict[int, list] = {}
         for rid, raw in self.stores["waiting"].items():
-            joined = orjson.loads(raw)
-            heaps.setdefault(joined["_p"], []).append((joined["ts"], rid))
+            partition, ts = _first_line(raw)
+            heaps.setdefault(partition, []).append((ts, rid))
+        for rid, (partition, joined, *_) in self._arrived.items():
+            heaps.setdefault(partition, []).append((joined["ts"], rid))
         for heap in heaps.values():
             heapq.heapify(heap)
         self._ready = heaps
+        self._warm.clear()
 
-    def _score(self, partition: int, joined: dict) -> None:
+    def _score(self, partition: int, joined: dict, context: bytes, warm: bytes | None) -> None:
+        """Samples of one request (`joined`: line 1 of its record; `context`: the context's JSON bytes;
+        `warm`: the warm-start history from the context, if on arrival the user was new)."""
         uid = str(joined["user_id"]).encode()
         rid = joined["request_id"]
+        key = rid.encode()
         state_raw = self.stores["users"].get(uid)
-        state = orjson.loads(state_raw) if state_raw is not None else self._warm_start(joined["context"])
-        if rid in state["r"]:
+        if state_raw is None:
+            recent, history = [], warm if warm is not None else self._warm_start(orjson.loads(context))
+        else:
+            recent, history = decode_user(state_raw)
+        if rid in recent:
             self.stats.duplicates += 1
             return
-        items = joined["items"]
-        buckets = duration_bucket(np.asarray([it["duration_s"] for it in items]), self.cfg.duration_beta)  # (N,)
-        history = state["h"]   # [bucket, play_time_s, ts], sorted by ts
-        for item, bucket in zip(items, buckets.tolist()):
-            fb = joined["feedback"].get(str(item["item_id"]))
+        ts, items, feedback = joined["ts"], joined["items"], joined["feedback"]
+        buckets = self._buckets([item["duration_s"] for item in items])
+        values = np.frombuffer(history, dtype=HISTORY_DTYPE)   # (3 H,) rows bucket, play_time_s, ts
+        # only plays of requests that happened before this one count, whatever order they closed in;
+        # requests are scored in ts order, so usually every row is earlier
+        in_order = not history or _FLOAT64.unpack_from(history, len(history) - 8)[0] < ts
+        earlier = values if in_order else values[:3 * int(values[2::3].searchsorted(ts, side="left"))]
+        earlier_bucket, earlier_play = earlier[0::3], earlier[1::3]
+        plays = []   # bucket, play_time_s, ts of each of this request's feedback
+        for item, bucket in zip(items, buckets):
+            fb = feedback.get(str(item["item_id"]))
             q = None
             if fb is not None:
-                # only plays of requests that happened before this one count, whatever order they closed in
-                earlier = [play for b, play, ts in history if b == bucket and ts < joined["ts"]]
-                q = float(engagement_score(earlier, fb["play_time_s"]))
+                q = engagement_q(earlier_play[earlier_bucket == bucket], fb["play_time_s"])
+                plays += (bucket, fb["play_time_s"], ts)
             sample = {
-                "request_id": rid, "user_id": joined["user_id"], "item_id": item["item_id"], "ts": joined["ts"],
+                "request_id": rid, "user_id": joined["user_id"], "item_id": item["item_id"], "ts": ts,
                 "model_version": joined["model_version"], "source": joined["source"],
-                "context": joined["context"], "semantic_id": item.get("semantic_id"),
-                "duration_s": item["duration_s"], "logprob": item.get("logprob"),
-                "feedback": fb, "q": q, "duration_bucket": bucket,
+                "semantic_id": item.get("semantic_id"), "duration_s": item["duration_s"],
+                "logprob": item.get("logprob"), "feedback": fb, "q": q, "duration_bucket": bucket,
             }
-            self.batch.outputs.append(Output("samples", rid.encode(), orjson.dumps(sample)))
+            self.batch.outputs.append(Output("samples", key, _with_member(orjson.dumps(sample), b"context", context)))
             self.stats.samples += 1
-        for item, bucket in zip(items, buckets.tolist()):
-            fb = joined["feedback"].get(str(item["item_id"]))
-            if fb is not None:
-                history.append([bucket, fb["play_time_s"], joined["ts"]])
-        history.sort(key=lambda entry: entry[2])
-        state["h"] = history[-self.cfg.history_len:]
-        state["r"] = (state["r"] + [rid])[-self.cfg.dedupe_requests:]
-        self._put("users", partition, uid, orjson.dumps(state))
+        if plays:   # after the rows of every request with ts <= this one (as a stable sort by ts would)
+            new_rows = struct.pack(f"<{len(plays)}d", *plays)
+            if in_order:
+                history += new_rows
+            else:
+                at = int(values[2::3].searchsorted(ts, side="right")) * HISTORY_ROW
+                history = history[:at] + new_rows + history[at:]
+        recent.append(rid)
+        self._put("users", partition, uid, encode_user(recent[-self.cfg.dedupe_requests:],
+                                                       history[-self.cfg.history_len * HISTORY_ROW:]))
 
-    def _warm_start(self, context: schemas.UserContext) -> dict:
-        """A user the Table has never seen starts from the (duration, play time) pairs of the served context."""
-        pairs = []
-        for part in ("long", "short"):  # oldest first
-            beh = context[part]
-            if beh["duration_s"]:
-                buckets = duration_bucket(np.asarray(beh["duration_s"]), self.cfg.duration_beta).tolist()
-                pairs.extend([b, float(p), 0.0] for b, p in zip(buckets, beh["play_time_s"]))  # ts 0: before all
-        return {"h": pairs[-self.cfg.history_len:], "r": []}
+    def _buckets(self, durations: list[float]) -> list[int]:
+        """`duration_bucket` of each duration, memoized."""
+        memo = self._bucket_of
+        if len(memo) > BUCKET_MEMO_SIZE:
+            memo.clear()
+        missing = [d for d in durations if d not in memo]
+        if missing:
+            buckets = duration_bucket(np.asarray(missing, dtype=np.float64), self.cfg.duration_beta)
+            memo.update(zip(missing, buckets.tolist()))
+        return [memo[d] for d in durations]
+
+    def _warm_start(self, context: schemas.UserContext) -> bytes:
+        """A user the Table has never seen starts from the (duration, play time) pairs of the served context,
+        long then short (oldest first), at ts 0 (before every request). Returns the history bytes."""
+        durations = context["long"]["duration_s"] + context["short"]["duration_s"]
+        rows = np.zeros((len(durations), 3), dtype=HISTORY_DTYPE)
+        rows[:, 0] = self._buckets(durations)
+        rows[:, 1] = context["long"]["play_time_s"] + context["short"]["play_time_s"]
+        return rows[-self.cfg.history_len:].tobytes()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import math
+import sys
+from array import array
 from typing import Any, Literal, TypedDict
 
 import orjson
@@ -21,6 +23,7 @@ SOURCES = ("onerec", "legacy")
 FLAG_BITS = {"like": 1, "follow": 2, "comment": 4, "forward": 8, "collect": 16, "dislike": 32, "long_view": 64}
 OPTIONAL_ACTIONS = ("like", "follow", "comment", "forward", "collect")
 MAX_FLAGS = 127
+_MAX_FLOAT = sys.float_info.max
 
 
 class SchemaError(ValueError):
@@ -174,24 +177,106 @@ def _behaviour(value: Any, name: str) -> Behaviour:
     return out  # type: ignore[return-value]
 
 
+_INT_ONLY = {int}
+_NUMBER_TYPES = {int, float}
+
+
+def _ints_ok(seq: list, maximum: int | None = None) -> bool:
+    """Non-empty `seq` holds only ints (not bools) >= 0 (and <= maximum): whole-list C-level checks."""
+    if set(map(type, seq)) != _INT_ONLY or min(seq) < 0:
+        return False
+    return maximum is None or max(seq) <= maximum
+
+
+def _numbers_ok(seq: list) -> bool:
+    """Non-empty `seq` holds only finite ints/floats (not bools) >= 0. A sum that overflows to inf
+    only sends a valid list to the slow path; a nan or inf element always does."""
+    return set(map(type, seq)) <= _NUMBER_TYPES and min(seq) >= 0 and math.isfinite(sum(seq))
+
+
 def _behaviour_ok(b: dict) -> bool:
     """Fast whole-list check (the hot path of the join); False sends the caller to the slow path."""
-    ids, flags = b["item_id"], b["flags"]
-    if not (all(type(v) is int for v in ids) and all(type(v) is int for v in flags)):
+    return (_ints_ok(b["item_id"]) and _ints_ok(b["flags"], MAX_FLAGS)
+            and _numbers_ok(b["duration_s"]) and _numbers_ok(b["play_time_s"]))
+
+
+# Lists of JSON values without bools: orjson decodes JSON to dict, list, str, int, float (always finite),
+# bool and None only, and decoded no bool from bytes without `true` / `false`. Among those types each
+# check below accepts exactly what the schema does, in one C-level pass (no per-element type()).
+
+def _json_has_no_bools(raw: bytes) -> bool:
+    """No `true`/`false` anywhere in these JSON bytes (inside strings counts too: then merely the slower checks)."""
+    return b"true" not in raw and b"false" not in raw
+
+
+def _json_ints_ok(seq: list) -> bool:
+    """Ints >= 0 (an int >= 2**64, valid but absurd, goes to the slow path)."""
+    try:
+        array("Q", seq)   # TypeError for a float, str, list, dict, None; OverflowError below 0
+    except (TypeError, OverflowError):
         return False
-    if min(ids) < 0 or min(flags) < 0 or max(flags) > MAX_FLAGS:
-        return False
-    for key in ("duration_s", "play_time_s"):
-        seq = b[key]
-        if not all(type(v) is float or type(v) is int for v in seq):
-            return False
-        if min(seq) < 0 or not math.isfinite(sum(seq)):
-            return False
     return True
+
+
+def _json_flags_ok(seq: list) -> bool:
+    """Ints in 0..MAX_FLAGS = 127, the ASCII range."""
+    try:
+        return bytes(seq).isascii()   # TypeError for a non-int, ValueError outside 0..255
+    except (TypeError, ValueError):
+        return False
+
+
+def _json_numbers_ok(seq: list) -> bool:
+    """Non-empty: ints or floats >= 0, finite (min/sum raise TypeError on a str, list, dict or None)."""
+    try:
+        return min(seq) >= 0 and math.isfinite(sum(seq))
+    except (TypeError, OverflowError):
+        return False
+
+
+def _context_ok(context: Any, *, json_without_bools: bool) -> bool:
+    """Fast check of a whole context (the hot path); False sends the caller to the slow path, which names
+    the field. `json_without_bools`: the context was decoded by orjson from bytes without true/false."""
+    if type(context) is not dict:
+        return False
+    profile, short, long = context.get("profile"), context.get("short"), context.get("long")
+    if type(profile) is not list or type(short) is not dict or type(long) is not dict:
+        return False
+    ints_ok = _json_ints_ok if json_without_bools else _ints_ok
+    if profile and not ints_ok(profile):
+        return False
+    for part in (short, long):
+        ids, durations = part.get("item_id"), part.get("duration_s")
+        plays, flags = part.get("play_time_s"), part.get("flags")
+        if not (type(ids) is list and type(durations) is list and type(plays) is list and type(flags) is list):
+            return False
+        n = len(ids)
+        if len(durations) != n or len(plays) != n or len(flags) != n:
+            return False
+        if not n:
+            continue
+        if json_without_bools:
+            if not (_json_ints_ok(ids) and _json_flags_ok(flags) and _json_numbers_ok(durations)
+                    and _json_numbers_ok(plays)):
+                return False
+        elif not _behaviour_ok(part):
+            return False
+    return bool(profile or short["item_id"] or long["item_id"])
 
 
 def validate_context(context: Any, name: str = "context") -> UserContext:
     """The user context of interfaces.md; at least one token (the profile counts)."""
+    return _validate_context(context, name, json_without_bools=False)
+
+
+def decode_context(raw: bytes) -> UserContext:
+    """A user context from its JSON bytes, validated (the join's stage 2 reads contexts as bytes)."""
+    return _validate_context(_object(raw, "context"), "context", json_without_bools=_json_has_no_bools(raw))
+
+
+def _validate_context(context: Any, name: str, *, json_without_bools: bool) -> UserContext:
+    if _context_ok(context, json_without_bools=json_without_bools):
+        return context  # type: ignore[return-value]
     if not isinstance(context, dict):
         raise SchemaError(f"{name} must be an object with profile, short, long")
     profile = _require(context, "profile", f"{name}.")
@@ -218,7 +303,60 @@ def _semantic_id(value: Any, name: str, *, nullable: bool) -> list[int] | None:
     return value
 
 
-def validate_impression(event: dict) -> Impression:
+def _count_ok(value: Any) -> bool:
+    """An int (not a bool) >= 0."""
+    return type(value) is int and value >= 0
+
+
+def _time_ok(value: Any) -> bool:
+    """A finite int or float (not a bool) >= 0."""
+    return (type(value) is float and 0.0 <= value <= _MAX_FLOAT) or (type(value) is int and value >= 0)
+
+
+def _items_ok(items: Any, source: str) -> bool:
+    """Fast check of an impression's items (the hot path); False sends the caller to the slow path."""
+    if type(items) is not list or not items:
+        return False
+    onerec = source == "onerec"
+    seen = set()
+    for item in items:
+        if type(item) is not dict:
+            return False
+        item_id, sid, logprob = item.get("item_id"), item.get("semantic_id"), item.get("logprob")
+        if not _count_ok(item_id) or item_id in seen or not _time_ok(item.get("duration_s")):
+            return False
+        seen.add(item_id)
+        if sid is None:
+            if onerec:
+                return False
+        elif type(sid) is not list or len(sid) != 3 or not _ints_ok(sid):
+            return False
+        if onerec:
+            if type(logprob) is not float or not -_MAX_FLOAT <= logprob <= 0.0:
+                return False   # (an int logprob is valid: the slow path says so)
+        elif logprob is not None:
+            return False
+    return True
+
+
+def _impression_ok(event: dict) -> bool:
+    """Fast check of every field but the context; False sends the caller to the slow path."""
+    source = event.get("source")
+    rid = event.get("request_id")
+    return (type(rid) is str and rid != "" and _count_ok(event.get("user_id")) and _time_ok(event.get("ts"))
+            and _count_ok(event.get("model_version")) and source in SOURCES and _items_ok(event.get("items"), source))
+
+
+def validate_impression(event: dict, *, check_context: bool = True) -> Impression:
+    """`check_context=False`: every field but the context (the join's stage 2: stage 1 checked it)."""
+    return _validate_impression(event, check_context=check_context, json_without_bools=False)
+
+
+def _validate_impression(event: dict, *, check_context: bool, json_without_bools: bool) -> Impression:
+    if _impression_ok(event):   # the hot path; the checks below name the field when it fails
+        if check_context:
+            _validate_context(_require(event, "context"), "context", json_without_bools=json_without_bools)
+        return event  # type: ignore[return-value]
     _str(_require(event, "request_id"), "request_id")
     _int(_require(event, "user_id"), "user_id", minimum=0)
     _float(_require(event, "ts"), "ts", minimum=0.0)
@@ -226,7 +364,8 @@ def validate_impression(event: dict) -> Impression:
     source = _require(event, "source")
     if source not in SOURCES:
         raise SchemaError(f"source must be one of {SOURCES}, got {source!r}")
-    validate_context(_require(event, "context"))
+    if check_context:
+        validate_context(_require(event, "context"))
     items = _require(event, "items")
     if not isinstance(items, list) or not items:
         raise SchemaError("items must be a non-empty list")
@@ -252,7 +391,23 @@ def validate_impression(event: dict) -> Impression:
     return event  # type: ignore[return-value]
 
 
+def _feedback_ok(event: dict) -> bool:
+    """Fast check of a feedback event (the hot path); False sends the caller to the slow path."""
+    rid = event.get("request_id")
+    if not (type(rid) is str and rid != "" and _count_ok(event.get("user_id")) and _count_ok(event.get("item_id"))
+            and _time_ok(event.get("ts")) and _time_ok(event.get("play_time_s"))
+            and type(event.get("dislike")) is bool):
+        return False
+    for name in OPTIONAL_ACTIONS:
+        value = event.get(name, False)
+        if value is not True and value is not False:
+            return False
+    return True
+
+
 def validate_feedback(event: dict) -> Feedback:
+    if _feedback_ok(event):   # the hot path; the checks below name the field when it fails
+        return event  # type: ignore[return-value]
     _str(_require(event, "request_id"), "request_id")
     _int(_require(event, "user_id"), "user_id", minimum=0)
     _int(_require(event, "item_id"), "item_id", minimum=0)
@@ -292,7 +447,10 @@ def validate_sample(event: dict) -> Sample:
 
 
 def decode_impression(raw: bytes | dict) -> Impression:
-    return validate_impression(_object(raw, "impression"))
+    if isinstance(raw, dict):
+        return validate_impression(raw)
+    return _validate_impression(_object(raw, "impression"), check_context=True,
+                                json_without_bools=_json_has_no_bools(raw))
 
 
 def decode_feedback(raw: bytes | dict) -> Feedback:

@@ -78,3 +78,14 @@ def test_advantages_rejects_bad_input():
         advantages(np.array([0.1, 0.2]), np.zeros(3, bool))
     with pytest.raises(ValueError, match="top_fraction"):
         advantages(np.array([0.1]), np.zeros(1, bool), top_fraction=1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1e4) | st.integers(0, 10_000).map(float), max_size=40),
+       st.floats(0, 1e4) | st.integers(0, 10_000))
+def test_the_joins_engagement_q_equals_the_reference(history, play):
+    """streaming/join.py scores one play time without a sort; it must give the reference's q bit for bit."""
+    from streaming.join import engagement_q
+
+    q = engagement_q(np.asarray(history, dtype=np.float64), play)
+    assert type(q) is float and q == float(engagement_score(history, play))

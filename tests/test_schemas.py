@@ -126,3 +126,79 @@ def test_encode_refuses_bad_events():
 
 def test_feedback_flags():
     assert schemas.feedback_flags(feedback(like=True, dislike=True, forward=True)) == 1 | 32 | 8
+
+
+# --- the fast paths (whole-list checks) must accept and reject exactly what the field-by-field checks do
+
+BAD_VALUES = [True, False, None, -1, -0.5, 1.5, 0, 127, 128, 2**63, "7", [1], {}, 1e308, 2.0]
+
+
+def _mutations(rng, event, n):
+    """`n` copies of `event` with one value somewhere replaced by a suspicious one."""
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + (i,))
+        if path:
+            paths.append(path)
+
+    walk(event, ())
+    for _ in range(n):
+        path = paths[rng.integers(len(paths))]
+        value = BAD_VALUES[rng.integers(len(BAD_VALUES))]
+        yield _with(event, path, value)
+
+
+def _outcome(check, event):
+    try:
+        check(event)
+    except SchemaError as exc:
+        return exc.reason
+    return "ok"
+
+
+def _slow_only(monkeypatch):
+    monkeypatch.setattr(schemas, "_impression_ok", lambda event: False)
+    monkeypatch.setattr(schemas, "_context_ok", lambda context, json_without_bools: False)
+    monkeypatch.setattr(schemas, "_feedback_ok", lambda event: False)
+    monkeypatch.setattr(schemas, "_behaviour_ok", lambda behaviour: False)
+
+
+def test_fast_checks_agree_with_the_field_by_field_checks(monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    long_beh = {"item_id": [3, 0, 9], "duration_s": [1.0, 0, 7.5], "play_time_s": [0.0, 2, 1.25], "flags": [0, 64, 127]}
+    events = [impression(), impression(source="legacy", items=[{"item_id": 5, "semantic_id": None, "duration_s": 3,
+                                                                 "logprob": None}]),
+              _with(impression(), ("context", "long"), long_beh)]
+    cases = []   # (how, event or bytes)
+    for event in events:
+        for mutated in _mutations(rng, event, 400):
+            cases.append(("impression", mutated))
+            cases.append(("impression bytes", orjson.dumps(mutated)))
+            cases.append(("context bytes", orjson.dumps(mutated["context"]) if isinstance(mutated.get("context"), dict)
+                          else b"[]"))
+    for mutated in _mutations(rng, feedback(), 200):
+        cases.append(("feedback", mutated))
+    checks = {"impression": schemas.validate_impression, "impression bytes": schemas.decode_impression,
+              "context bytes": schemas.decode_context, "feedback": schemas.validate_feedback}
+    fast = [_outcome(checks[how], case) for how, case in cases]
+    _slow_only(monkeypatch)
+    slow = [_outcome(checks[how], case) for how, case in cases]
+    assert fast == slow
+    assert 0.2 < fast.count("ok") / len(fast) < 0.8     # both kinds of outcome were exercised
+
+
+def test_bools_are_not_integers_on_the_fast_path():
+    for path in [("context", "short", "item_id", 0), ("context", "short", "flags", 1), ("context", "profile", 0),
+                 ("context", "short", "duration_s", 0)]:
+        raw = orjson.dumps(_with(impression(), path, True))
+        with pytest.raises(SchemaError, match=r"\[\d\] must be (an integer|a number), got bool"):
+            schemas.decode_impression(raw)
+    assert schemas.decode_context(orjson.dumps({"profile": [1], "short": BEH, "long": EMPTY, "note": True}))

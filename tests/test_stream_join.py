@@ -222,8 +222,12 @@ def test_worker_sigkill_restart_loses_no_sample(stream_config, tmp_path, engine)
 
 def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, tmp_path):
     """Two workers in one group share the partitions; one is killed, the other takes its partitions
-    over with their state restored from the changelogs: no sample lost, none differs, q right."""
-    cfg = dataclasses.replace(stream_config, engine="batched")
+    over with their state restored from the changelogs: no sample lost, none differs, q right.
+
+    `idle_close_s` is longer than the test's pauses: a partition idle that long counts as closed, and
+    a request it gets afterwards is late for stage 2's ordering (see UserScorer), which would make q
+    differ from the reference on purpose."""
+    cfg = dataclasses.replace(stream_config, engine="batched", idle_close_s=8.0)
     ensure_topics(cfg)
     imps, joined, events = [], {}, []
     for r in range(150):
@@ -249,7 +253,9 @@ def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, t
             publish(pub, events[:third])
             assert read_events(cfg, "samples", until=lambda rs: len(rs) >= 20, timeout_s=60), first.log_text()
             second.start()     # the group rebalances: each worker gets one partition
-            time.sleep(3.0)
+            deadline = time.monotonic() + 60   # (group joins are slow on a loaded machine)
+            while not re.search(r"assigned partitions \[\d\]:", second.log_text()) and time.monotonic() < deadline:
+                time.sleep(0.2)
             publish(pub, events[third:2 * third])
             time.sleep(1.0)
             first.kill()       # its partition, with pending state, moves to the second worker
@@ -259,7 +265,7 @@ def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, t
             first.stop()
             second.stop()
     assignments = re.findall(r"assigned partitions \[([\d, ]*)\]: restored (\d+)", second.log_text())
-    assert len(assignments) >= 2 and assignments[0][0] != "0, 1", f"the two workers never split the partitions: {assignments}"
+    assert any(parts != "0, 1" for parts, _ in assignments), f"the two workers never split the partitions: {assignments}"
     assert assignments[-1][0] == "0, 1" and int(assignments[-1][1]) > 0, \
         f"the survivor did not take over with restored state: {assignments}"
     dedupe = SampleDeduplicator()
@@ -269,6 +275,9 @@ def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, t
     for s in samples:
         copies[schemas.sample_id(s)].add(orjson.dumps(s, option=orjson.OPT_SORT_KEYS))
     assert all(len(v) == 1 for v in copies.values()), "a redelivered sample is an identical copy"
+    lost = [schemas.sample_id(s) for s in unique if s["feedback"] != joined.get(schemas.sample_id(s))]
+    letters = [schemas.decode_dead_letter(r.value)["reason"] for r in read_events(cfg, "dead-letters", idle_s=1.0, timeout_s=5)]
+    assert not lost, f"{len(lost)} samples lost their feedback, e.g. {lost[:5]}; dead letters: {letters[:5]}"
     q_ref = expected_q(imps, joined, cfg.duration_beta)
     wrong = [(schemas.sample_id(s), s["q"], q_ref[schemas.sample_id(s)]) for s in unique
              if s["q"] != pytest.approx(q_ref[schemas.sample_id(s)])]
