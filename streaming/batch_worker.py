@@ -33,6 +33,7 @@ window on the wall clock.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -76,6 +77,7 @@ class BatchJoinWorker:
         self.batch_lock = asyncio.Lock()
         self.generation = 0                       # bumped on every rebalance: an older fetch is dropped
         self.partitions: list[int] = []           # partition numbers assigned (the same in every input)
+        self.input_tps: dict[tuple[int, str], TopicPartition] = {}   # (partition, input) -> its TopicPartition
         self.stores: dict[str, dict[bytes, bytes]] = {t: {} for t in TABLES}
         self.joiner = RequestJoiner(cfg, {t: self.stores[t] for t in RequestJoiner.tables})
         self.scorer = UserScorer(cfg, {t: self.stores[t] for t in UserScorer.tables})
@@ -148,12 +150,7 @@ class BatchJoinWorker:
                     for r in records:
                         on_message(kind, tp.partition, r.key, r.value)
                 offsets[tp] = records[-1].offset + 1
-            for tp in self.consumer.assignment():   # an input with records left to read is not idle
-                kind = self.kind_of_topic[tp.topic]
-                if kind != "joined":
-                    high = self.consumer.highwater(tp)
-                    if high is None or await self.consumer.position(tp) < high:
-                        self.joiner.input_behind(tp.partition, kind)
+            await self._pace_inputs()
             self.joiner.close_due()    # also on an empty fetch: idle partitions close by wall clock
             self.scorer.release()
             stage1, stage2 = self.joiner.drain(), self.scorer.drain()
@@ -167,6 +164,39 @@ class BatchJoinWorker:
             self.timing["fetch"] += t1 - t0
             self.timing["logic"] += t2 - t1
             self.timing["wait"] += time.perf_counter() - t2
+
+    async def _pace_inputs(self) -> None:
+        """Keep a partition's two inputs within one feedback window of each other in event time.
+
+        The fetcher returns whatever bytes arrived, so on a backlog the impressions (KBs each) and
+        the feedback (~150 B) of a partition drift apart by hours of event time; every request of
+        the gap then waits in the Tables (and the changelog) for feedback that is not read yet. An
+        input more than a window ahead is paused while the other has records left to read (what
+        Kafka Streams does with timestamps across a task's partitions). An input with records left
+        to read is also not idle, whatever the wall clock says.
+        """
+        behind: dict[tuple[int, str], bool] = {}
+        for tp in self.consumer.assignment():
+            kind = self.kind_of_topic[tp.topic]
+            if kind != "joined":
+                high = self.consumer.highwater(tp)
+                behind[(tp.partition, kind)] = high is None or await self.consumer.position(tp) < high
+                if behind[(tp.partition, kind)]:
+                    self.joiner.input_behind(tp.partition, kind)
+        window, max_ts = self.cfg.feedback_window_s, self.joiner.max_ts
+        pause, resume = [], []
+        for partition in self.partitions:
+            for kind, other in (("impressions", "feedback"), ("feedback", "impressions")):
+                tp = self.input_tps[(partition, kind)]
+                if (partition, kind) not in behind:
+                    continue
+                mine, theirs = max_ts.get((partition, kind)), max_ts.get((partition, other))
+                ahead = mine is not None and theirs is not None and mine > theirs + window
+                (pause if ahead and behind.get((partition, other)) else resume).append(tp)
+        if pause:
+            self.consumer.pause(*pause)
+        if resume:
+            self.consumer.resume(*resume)
 
     async def finished(self) -> None:
         """Wait for the batch in flight to be committed; re-raise its failure (the worker then exits)."""
@@ -222,6 +252,8 @@ class BatchJoinWorker:
         self.scorer = UserScorer(self.cfg, {t: self.stores[t] for t in UserScorer.tables})
         self.closed_through = {}
         self.partitions = partitions
+        self.input_tps = {(p, kind): TopicPartition(topic_name(self.cfg, kind), p)
+                          for p in partitions for kind in ("impressions", "feedback")}
         n = await read_changelogs(self.cfg, self.stores, partitions)
         self.counts["restored_records"] += n
         for p in partitions:   # register every partition, so a quiet one still closes its windows
@@ -278,6 +310,10 @@ def run_worker(cfg: StreamConfig, *, create_topics: bool = True) -> int:
     ensure_changelog_topics(cfg, TABLES)
 
     async def main() -> None:
+        # Each batch allocates ~10^5 short-lived containers (records, decoded events, futures); with the
+        # default gen-0 threshold (700) the collector then rescans the long-lived state many times
+        # per batch. A larger threshold keeps collections rare; reference counting frees the rest.
+        gc.set_threshold(100_000, 20, 20)
         worker = BatchJoinWorker(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

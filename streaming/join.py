@@ -202,7 +202,8 @@ class RequestJoiner(_Stage):
         self.max_ts: dict[tuple[int, str], float] = {}      # (partition, input) -> largest event ts read
         self.last_wall: dict[tuple[int, str], float] = {}   # (partition, input) -> wall time of its last event
         self.first_wall: dict[int, float] = {}              # partition -> wall time it was first seen
-        self._deadlines: dict[int, list] = {}          # partition -> heap of (event ts, kind, request_id)
+        self._deadlines: dict[int, list] = {}  # partition -> heap of (event ts, kind 0 close / 1 expire, request_id)
+        self._forgets: dict[int, list] = {}    # partition -> heap of (forget_at, 2, request_id) of closed markers
         # request_id -> (`_impression_meta`, the impression without its context as JSON, the context as JSON)
         self._arrived: dict[bytes, tuple[tuple, bytes, bytes]] = {}
         self._feedback: dict[bytes, dict] = {}   # request_id -> {"p": partition, "fb": [{"event", "raw"}]}
@@ -385,27 +386,20 @@ class RequestJoiner(_Stage):
     # --- closing
     def _close_due(self, partition: int, mark: float, *, forget_before: float) -> None:
         """Close requests and expire orphans whose deadline <= mark; forget closed markers whose
-        retention ended before the newest event time (never on idleness alone)."""
+        retention ended before the newest event time (never on idleness alone). Two heaps, so an
+        entry is popped once, when it is due (one heap re-pushed every open request each batch)."""
         heap = self._deadlines.get(partition)
-        keep = []
-        until = max(mark, forget_before)
-        while heap and heap[0][0] <= until:
-            entry = heapq.heappop(heap)
-            deadline, kind, rid = entry
-            if kind == 2:
-                if deadline <= forget_before:
-                    if self._closed.pop(rid, None) is None and rid in self.stores["closed"]:
-                        self._put("closed", partition, rid, None)
-                else:
-                    keep.append(entry)
-            elif deadline > mark:
-                keep.append(entry)
-            elif kind == 0:
+        while heap and heap[0][0] <= mark:
+            _, kind, rid = heapq.heappop(heap)
+            if kind == 0:
                 self._close_request(partition, rid)
             else:
                 self._expire_orphan(partition, rid)
-        for entry in keep:
-            heapq.heappush(heap, entry)
+        forgets = self._forgets.get(partition)
+        while forgets and forgets[0][0] <= forget_before:
+            _, _, rid = heapq.heappop(forgets)
+            if self._closed.pop(rid, None) is None and rid in self.stores["closed"]:
+                self._put("closed", partition, rid, None)
 
     def _close_request(self, partition: int, rid: bytes) -> None:
         arrived = self._arrived.pop(rid, None)
@@ -427,7 +421,7 @@ class RequestJoiner(_Stage):
         marker = {"p": partition, "forget_at": forget_at,
                   "fb": {k: [f["ts"], f["play_time_s"]] for k, f in feedback.items()}}
         self._closed[rid] = (partition, orjson.dumps(marker))
-        heapq.heappush(self._deadlines.setdefault(partition, []), (forget_at, 2, rid))
+        heapq.heappush(self._forgets.setdefault(partition, []), (forget_at, 2, rid))
 
     def _expire_orphan(self, partition: int, rid: bytes) -> None:
         if rid in self._arrived or rid in self.stores["impressions"]:
@@ -440,6 +434,7 @@ class RequestJoiner(_Stage):
         """Derive the deadline heaps from the stores (after a restart or a rebalance)."""
         self._store_arrived()   # this batch's open state too
         heaps: dict[int, list] = {}
+        forgets: dict[int, list] = {}
         for rid, raw in self.stores["impressions"].items():
             partition, _, ts, _ = _first_line(raw)
             heaps.setdefault(partition, []).append((ts + self.window, 0, rid))
@@ -450,10 +445,10 @@ class RequestJoiner(_Stage):
                 heaps.setdefault(entry["p"], []).append((ts + self.window, 1, rid))
         for rid, raw in self.stores["closed"].items():
             entry = orjson.loads(raw)
-            heaps.setdefault(entry["p"], []).append((entry["forget_at"], 2, rid))
-        for heap in heaps.values():
+            forgets.setdefault(entry["p"], []).append((entry["forget_at"], 2, rid))
+        for heap in (*heaps.values(), *forgets.values()):
             heapq.heapify(heap)
-        self._deadlines = heaps
+        self._deadlines, self._forgets = heaps, forgets
 
 
 WATERMARK_KEY = b"\x00watermark"   # key of stage 1's watermark heartbeats on the joined topic
