@@ -109,7 +109,8 @@ class JoinWorker:
         self.tables = {name: table(name) for name in RequestJoiner.tables + UserScorer.tables}
         self.output_names = {kind: topic_name(cfg, kind) for kind in self.outputs}
         self.changelog_names = {name: t.changelog_topic.get_topic_name() for name, t in self.tables.items()}
-        self.closed_through: dict[int, float] = {}   # join partition -> mark whose records are acked
+        self.closed_through: dict[int, float] = {}   # join partition -> latest mark whose records are acked
+        self._heartbeat_lock = asyncio.Lock()
         self.batches = {"join": 0, "score": 0}
         self.timing = {"send": 0.0, "ack": 0.0, "changelog": 0.0, "logic": 0.0}
         self.batch_events = {"join": 0, "score": 0}
@@ -192,11 +193,15 @@ class JoinWorker:
 
     async def send_heartbeats(self, marks: dict[int, float]) -> None:
         """Tell every scorer partition how far each join partition has closed (after the acks of
-        the joined records they cover, so a heartbeat never overtakes a record)."""
-        for source, mark in marks.items():
-            beat = watermark_heartbeat(source, mark)
-            for partition in range(self.cfg.partitions):
-                await self.joined.send(key=WATERMARK_KEY, value=beat, partition=partition)
+        the joined records they cover, so a heartbeat never overtakes a record).
+
+        The agent and the tick timer both send; stage 2 keeps the latest mark per source, so the
+        sends are serialized and each sends the mark current when it is sent, never a stale copy."""
+        async with self._heartbeat_lock:
+            for source in marks:
+                beat = watermark_heartbeat(source, self.closed_through[source])
+                for partition in range(self.cfg.partitions):
+                    await self.joined.send(key=WATERMARK_KEY, value=beat, partition=partition)
 
     async def send_ticks(self) -> None:
         now = orjson.dumps(time.time())
