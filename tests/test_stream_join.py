@@ -164,10 +164,10 @@ def test_join_cases_and_dead_letters(stream_config, tmp_path, engine):
 
 @pytest.mark.parametrize("engine", ["batched"])
 def test_worker_sigkill_restart_loses_no_sample(stream_config, tmp_path, engine):
-    """Known gap: the Faust engine (the reference) fails this about one run in four since the join's
-    state machines keep a batch's new state in memory until `drain`: after the restart, feedback of
-    the last requests expires as orphans ("no impression ... within the feedback window"). Not
-    found yet; the batched engine (the default) passes it every time, so only it runs here."""
+    """Known gap: the Faust engine (the reference) fails this about one run in four since the state
+    machines were rewritten for speed (commit 19a5575): after the restart, feedback of the last
+    requests expires as orphans ("no impression ... within the feedback window"). Cause not found
+    yet; the batched engine (the default) passes it every time, so only it runs here."""
     cfg = dataclasses.replace(stream_config, engine=engine)
     ensure_topics(cfg)
     n_requests, chunk = 240, 80
