@@ -216,8 +216,23 @@ class ServingReplica:
                 "last_apply_s": self.last_apply_s, "zero_copy": self.zero_copy}
 
 
+class _ReplicaCalls:
+    """What the WeightPublisher and the supervisor call on any replica actor (`self.replica` is its ServingReplica)."""
+
+    replica: ServingReplica
+
+    def apply_weights(self, version: int, weights: np.ndarray, checksum: int) -> int:
+        return self.replica.apply_weights(version, weights, checksum)
+
+    def version(self) -> int:
+        return self.replica.version
+
+    def health(self) -> dict:
+        return self.replica.health()
+
+
 @ray.remote(max_concurrency=4)
-class ReplicaActor:
+class ReplicaActor(_ReplicaCalls):
     """Ray wrapper: builds the model once from a config, a tokenizer and a published version."""
 
     def __init__(self, model_cfg: ModelConfig, tokenizer_bytes: bytes, version: int, weights: np.ndarray,
@@ -231,29 +246,12 @@ class ReplicaActor:
     def recommend(self, contexts: list[dict], top_k: int, beam_width: int, temperature: float = 0.0) -> dict:
         return self.replica.recommend(contexts, top_k=top_k, beam_width=beam_width, temperature=temperature)
 
-    def apply_weights(self, version: int, weights: np.ndarray, checksum: int) -> int:
-        return self.replica.apply_weights(version, weights, checksum)
-
-    def version(self) -> int:
-        return self.replica.version
-
-    def health(self) -> dict:
-        return self.replica.health()
-
 
 @ray.remote(max_concurrency=4)
-class WeightsOnlyReplicaActor:
+class WeightsOnlyReplicaActor(_ReplicaCalls):
     """A replica without search (bench/weights.py): same apply path, any nn.Module factory."""
 
     def __init__(self, model_factory, *, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self.replica = ServingReplica(model_factory(), version=0)
 
-    def apply_weights(self, version: int, weights: np.ndarray, checksum: int) -> int:
-        return self.replica.apply_weights(version, weights, checksum)
-
-    def version(self) -> int:
-        return self.replica.version
-
-    def health(self) -> dict:
-        return self.replica.health()

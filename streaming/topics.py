@@ -51,53 +51,42 @@ def admin_client(cfg: StreamConfig):
 
 def ensure_topics(cfg: StreamConfig, kinds: tuple[str, ...] = PUBLIC_TOPICS + INTERNAL_TOPICS) -> list[str]:
     """Create the topics of `kinds` that do not exist yet; return all their names."""
+    settings = topic_settings()
+    return _ensure(cfg, {topic_name(cfg, kind): settings.get(kind, {}) for kind in kinds})
+
+
+def ensure_changelog_topics(cfg: StreamConfig, tables: tuple[str, ...]) -> list[str]:
+    """Create the join's changelog topics (compacted) if missing.
+
+    The Faust engine creates its own; the batched engine (streaming/batch_worker.py) calls this.
+    """
+    return _ensure(cfg, {changelog_topic(cfg, t): {"cleanup.policy": "compact"} for t in tables})
+
+
+def _ensure(cfg: StreamConfig, configs: dict[str, dict[str, str]]) -> list[str]:
+    """Create the missing topics of `configs` (name -> CreateTopics configs) with `stream.partitions`
+    partitions, and fail loudly when an existing one has another partition count."""
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    settings = topic_settings()
-    names = {topic_name(cfg, kind): kind for kind in kinds}
     admin = admin_client(cfg)
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, cfg.partitions, cfg.replication_factor, topic_configs=settings.get(kind, {}))
-               for name, kind in names.items() if name not in existing]
+        new = [NewTopic(name, cfg.partitions, cfg.replication_factor, topic_configs=topic_configs)
+               for name, topic_configs in configs.items() if name not in existing]
         if new:
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass  # another process created them in between: fine, checked below
-        for desc in admin.describe_topics(list(names)):
+        for desc in admin.describe_topics(list(configs)):
             n = len(desc["partitions"])
             if desc.get("error_code", 0) != 0 or n != cfg.partitions:
                 raise ValueError(f"topic {desc['name']} has {n} partitions (error {desc.get('error_code')}), "
                                  f"stream.partitions is {cfg.partitions}: co-partitioning needs them equal")
     finally:
         admin.close()
-    return list(names)
-
-
-def ensure_changelog_topics(cfg: StreamConfig, tables: tuple[str, ...]) -> list[str]:
-    """Create the join's changelog topics (compacted, `stream.partitions` partitions) if missing.
-
-    The Faust engine creates its own; the batched engine (streaming/batch_worker.py) calls this.
-    """
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    names = [changelog_topic(cfg, t) for t in tables]
-    admin = admin_client(cfg)
-    try:
-        existing = set(admin.list_topics())
-        new = [NewTopic(name, cfg.partitions, cfg.replication_factor, topic_configs={"cleanup.policy": "compact"})
-               for name in names if name not in existing]
-        if new:
-            try:
-                admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        admin.close()
-    return names
+    return list(configs)
 
 
 def delete_topics(cfg: StreamConfig) -> list[str]:

@@ -67,8 +67,39 @@ def wait_for_samples(cfg, expected_ids: set, worker: WorkerProcess, timeout_s: f
     for r, s in zip(records, samples):
         assert r.key.decode() == s["request_id"], "samples are keyed by request_id"
     missing = expected_ids - {schemas.sample_id(s) for s in samples}
-    assert not missing, f"{len(missing)} samples missing, e.g. {sorted(missing)[:5]}; worker log:\n{worker.log_text()}"
+    if missing:
+        letters = [schemas.decode_dead_letter(r.value)["reason"]
+                   for r in read_events(cfg, "dead-letters", idle_s=1.0, timeout_s=5)]
+        pytest.fail(f"{len(missing)} samples missing, e.g. {sorted(missing)[:5]}; dead letters {letters[:5]}; "
+                    f"worker log:\n{worker.log_text()}")
     return samples
+
+
+def publish_events(pub: EventPublisher, events: list[tuple[str, dict]]) -> None:
+    for kind, event in events:
+        (pub.impression if kind == "impression" else pub.feedback)(event)
+    pub.flush()
+
+
+def assert_each_sample_once_and_right(cfg, samples: list[dict], expected_ids: set, imps: list[dict],
+                                      joined: dict) -> None:
+    """At-least-once done right: after the consumer-side dedupe every shown item has exactly one
+    sample, repeats are identical copies, and feedback and q are what the reference computes."""
+    dedupe = SampleDeduplicator()
+    unique = [s for s in samples if dedupe.first_time(s)]
+    assert {schemas.sample_id(s) for s in unique} == expected_ids, "no sample lost"
+    assert len(unique) == len(expected_ids), "no duplicate after the consumer-side dedupe"
+    copies = defaultdict(set)
+    for s in samples:
+        copies[schemas.sample_id(s)].add(orjson.dumps(s, option=orjson.OPT_SORT_KEYS))
+    assert all(len(v) == 1 for v in copies.values()), "a redelivered sample is an identical copy"
+    lost = [schemas.sample_id(s) for s in unique if s["feedback"] != joined.get(schemas.sample_id(s))]
+    assert not lost, f"{len(lost)} samples lost their feedback, e.g. {lost[:5]}"
+    q_ref = expected_q(imps, joined, cfg.duration_beta)
+    wrong = [(schemas.sample_id(s), s["q"], q_ref[schemas.sample_id(s)]) for s in unique
+             if s["q"] != pytest.approx(q_ref[schemas.sample_id(s)])]
+    assert not wrong, f"{len(wrong)} samples with a wrong q (id, got, expected): {wrong[:10]}"
+    print(f"raw samples {len(samples)}, unique {len(unique)}, repeats {dedupe.repeats}")
 
 
 @pytest.mark.parametrize("engine", ["batched", "faust"])
@@ -184,49 +215,25 @@ def test_worker_sigkill_restart_loses_no_sample(stream_config, tmp_path, engine)
             events.append(("feedback", fb))
     expected_ids = {(imp["request_id"], it["item_id"]) for imp in imps for it in imp["items"]}
 
-    def publish(pub, part):
-        for kind, ev in part:
-            (pub.impression if kind == "impression" else pub.feedback)(ev)
-        pub.flush()
-
     per_chunk = len(events) // 3
     worker = WorkerProcess(cfg, log_path=tmp_path / "worker.log")
     with EventPublisher(cfg) as pub:
         try:
             worker.start()
-            publish(pub, events[:per_chunk])
+            publish_events(pub, events[:per_chunk])
             # kill once some, not all, samples are out
             first = read_events(cfg, "samples", until=lambda rs: len(rs) >= 30, timeout_s=60)
             assert first, worker.log_text()
             worker.kill()
             assert len(first) < len(expected_ids)
-            publish(pub, events[per_chunk:2 * per_chunk])       # produced while the worker is dead
+            publish_events(pub, events[per_chunk:2 * per_chunk])       # produced while the worker is dead
             worker.start()
             time.sleep(1.0)
-            publish(pub, events[2 * per_chunk:])
-            try:
-                samples = wait_for_samples(cfg, expected_ids, worker, timeout_s=40)
-            except AssertionError:
-                letters = [schemas.decode_dead_letter(r.value) for r in read_events(cfg, "dead-letters", idle_s=1.0, timeout_s=5)]
-                print("dead letters:", [(d["topic"], d["reason"]) for d in letters])
-                raise
+            publish_events(pub, events[2 * per_chunk:])
+            samples = wait_for_samples(cfg, expected_ids, worker, timeout_s=90)
         finally:
             worker.stop()
-
-    dedupe = SampleDeduplicator()
-    unique = [s for s in samples if dedupe.first_time(s)]
-    assert {schemas.sample_id(s) for s in unique} == expected_ids, "no sample lost"
-    assert len(unique) == len(expected_ids), "no duplicate after the consumer-side dedupe"
-    copies = defaultdict(set)
-    for s in samples:
-        copies[schemas.sample_id(s)].add(orjson.dumps(s, option=orjson.OPT_SORT_KEYS))
-    assert all(len(v) == 1 for v in copies.values()), "a redelivered sample is an identical copy"
-    q_ref = expected_q(imps, joined, cfg.duration_beta)
-    wrong = [(schemas.sample_id(s), s["q"], q_ref[schemas.sample_id(s)]) for s in unique
-             if s["q"] != pytest.approx(q_ref[schemas.sample_id(s)])]
-    assert not wrong, f"{len(wrong)} samples with a wrong q (id, got, expected): {wrong[:10]}"
-    assert all(s["feedback"] == joined.get(schemas.sample_id(s)) for s in unique)
-    print(f"raw samples {len(samples)}, unique {len(unique)}, repeats {dedupe.repeats}")
+    assert_each_sample_once_and_right(cfg, samples, expected_ids, imps, joined)
 
 
 def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, tmp_path):
@@ -248,27 +255,22 @@ def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, t
         events.append(("feedback", fb))
     expected_ids = {(imp["request_id"], it["item_id"]) for imp in imps for it in imp["items"]}
 
-    def publish(pub, part):
-        for kind, ev in part:
-            (pub.impression if kind == "impression" else pub.feedback)(ev)
-        pub.flush()
-
     third = len(events) // 3
     first = WorkerProcess(cfg, log_path=tmp_path / "first.log")
     second = WorkerProcess(cfg, log_path=tmp_path / "second.log")
     with EventPublisher(cfg) as pub:
         try:
             first.start()
-            publish(pub, events[:third])
+            publish_events(pub, events[:third])
             assert read_events(cfg, "samples", until=lambda rs: len(rs) >= 20, timeout_s=60), first.log_text()
             second.start()     # the group rebalances: each worker gets one partition
             deadline = time.monotonic() + 60   # (group joins are slow on a loaded machine)
             while not re.search(r"assigned partitions \[\d\]:", second.log_text()) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            publish(pub, events[third:2 * third])
+            publish_events(pub, events[third:2 * third])
             time.sleep(1.0)
             first.kill()       # its partition, with pending state, moves to the second worker
-            publish(pub, events[2 * third:])
+            publish_events(pub, events[2 * third:])
             samples = wait_for_samples(cfg, expected_ids, second, timeout_s=90)
         finally:
             first.stop()
@@ -277,17 +279,4 @@ def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, t
     assert any(parts != "0, 1" for parts, _ in assignments), f"the two workers never split the partitions: {assignments}"
     assert assignments[-1][0] == "0, 1" and int(assignments[-1][1]) > 0, \
         f"the survivor did not take over with restored state: {assignments}"
-    dedupe = SampleDeduplicator()
-    unique = [s for s in samples if dedupe.first_time(s)]
-    assert {schemas.sample_id(s) for s in unique} == expected_ids, "no sample lost"
-    copies = defaultdict(set)
-    for s in samples:
-        copies[schemas.sample_id(s)].add(orjson.dumps(s, option=orjson.OPT_SORT_KEYS))
-    assert all(len(v) == 1 for v in copies.values()), "a redelivered sample is an identical copy"
-    lost = [schemas.sample_id(s) for s in unique if s["feedback"] != joined.get(schemas.sample_id(s))]
-    letters = [schemas.decode_dead_letter(r.value)["reason"] for r in read_events(cfg, "dead-letters", idle_s=1.0, timeout_s=5)]
-    assert not lost, f"{len(lost)} samples lost their feedback, e.g. {lost[:5]}; dead letters: {letters[:5]}"
-    q_ref = expected_q(imps, joined, cfg.duration_beta)
-    wrong = [(schemas.sample_id(s), s["q"], q_ref[schemas.sample_id(s)]) for s in unique
-             if s["q"] != pytest.approx(q_ref[schemas.sample_id(s)])]
-    assert not wrong, f"{len(wrong)} samples with a wrong q (id, got, expected): {wrong[:10]}"
+    assert_each_sample_once_and_right(cfg, samples, expected_ids, imps, joined)
