@@ -16,8 +16,19 @@ every level keeps 512 beams. Both configs run in float32 by default: this machin
 always uses the same dtype). OMP_WAIT_POLICY=PASSIVE because the 2 cores are shared: spinning
 OpenMP threads otherwise stall each other.
 
+On a GPU (`--device cuda`) the 0.1B config is measured in bf16 and, in the same run, with its
+Linear layers quantized to FP8 (`learner.quant.quantize_model(model, "fp8")`: per-row fp8
+activations x fp8 weights through `torch._scaled_mm`), for one request per beam search and for
+batches of requests (`--batch`: B requests share one search, B x 512 beams per level; latency is
+that of the whole batch, which each of its requests waits for). `mfu` = achieved FLOP/s at p50 /
+a large bf16 matmul's FLOP/s; for fp8 also against a large row-scaled fp8 `_scaled_mm`
+(`mfu_vs_fp8_peak`), both measured in the same run (CUDA events, after warm-up). Timings
+synchronize the device before reading the clock. `search_p50_ms` leaves out the featurization
+(CPU work that happens before the context reaches the GPU).
+
     python bench/generate.py           # ~2-3 minutes on 2 cores
     python bench/generate.py --quick   # fewer requests
+    python bench/generate.py --device cuda [--quant both] [--batch 1 16 64] [--config 0.1B]
 """
 from __future__ import annotations
 
@@ -37,12 +48,14 @@ from learner.config import ModelConfig  # noqa: E402
 from learner.features import build_context_batch  # noqa: E402
 from learner.flops import generation_flops  # noqa: E402
 from learner.model import LazyDecoder  # noqa: E402
+from learner.quant import FP8, quantize_model  # noqa: E402
 from learner.synthetic import random_code_tokenizer, random_context  # noqa: E402
 
 N_CONTEXT_ITEMS = 3000
 N_SHORT = 64
 BEAM = 512
 MATMUL_N = 2048
+GPU_MATMUL_N = 8192
 TOP_K = 10
 
 
@@ -93,14 +106,142 @@ def run_config(name: str, cfg: ModelConfig, dtype: torch.dtype, n_requests: int)
             "matmul_gflop_per_s": peak / 1e9, "cpu_mfu": achieved / peak}
 
 
+def gpu_matmul_tflops(kind: str, n: int = GPU_MATMUL_N, reps: int = 20, rounds: int = 3) -> float:
+    """Median over `rounds` of the TFLOP/s of `reps` (n x n) @ (n x n) products on the GPU: bf16
+    `torch.mm`, or fp8 e4m3 `torch._scaled_mm` with row-wise scales and bf16 output (the same call
+    learner.quant makes)."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
+    if kind == "bf16":
+        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+
+        def product():
+            return torch.mm(a, b)
+    elif kind == "fp8":
+        a8, b8 = a.to(FP8), b.to(FP8).t().contiguous().t()        # row-major x column-major
+        scale_a = torch.ones(n, 1, device=device)
+        scale_b = torch.ones(1, n, device=device)
+
+        def product():
+            return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+    else:
+        raise ValueError(f"kind: must be bf16 or fp8, got {kind!r}")
+    for _ in range(3):
+        product()
+    results = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            product()
+        end.record()
+        torch.cuda.synchronize()
+        results.append(2 * n ** 3 * reps / (start.elapsed_time(end) / 1000) / 1e12)
+    return float(np.median(results))
+
+
+def run_config_cuda(cfg: ModelConfig, quants: list[str], batches: list[int], n_requests: int) -> dict:
+    """One preset (0.1B by default) on the GPU: for each weight format and request batch,
+    `n_requests` timed searches after 2 warm-ups. Weights are bf16 (fp8: the Linear layers
+    quantized from those bf16 weights)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    base = LazyDecoder(cfg).eval().to(device=device, dtype=torch.bfloat16)
+    models = {"bf16": base} if "bf16" in quants else {}
+    if "fp8" in quants:
+        models["fp8"] = quantize_model(base, "fp8")
+    tok = random_code_tokenizer(min(200_000, cfg.codebook_size ** 3 // 2), cfg.codebook_size, seed=1)
+    trie = tok.trie().to(device)
+    rng = np.random.default_rng(0)
+    contexts = [random_context(rng, cfg, tok.item_ids, n_short=N_SHORT, n_long=N_CONTEXT_ITEMS - N_SHORT)
+                for _ in range(max(batches) * 2)]
+    n_tokens = cfg.profile_fields + N_CONTEXT_ITEMS
+    flops_per_request = generation_flops(cfg, n_tokens, beams_per_level=beams_per_level(cfg, trie, BEAM))
+    out = {"params": sum(p.numel() for p in base.parameters()), "context_tokens": n_tokens, "beam_width": BEAM,
+           "top_k": TOP_K, "gflops_per_request": flops_per_request / 1e9}
+    for name, model in models.items():
+        out[name] = {}
+        for b in batches:
+            latencies, search = [], []
+            for i in range(n_requests + 2):                       # the first 2 warm up
+                group = [contexts[(i * b + j) % len(contexts)] for j in range(b)]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                ctx = build_context_batch(group, tok, cfg).to(device)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                recs = beam_search(model, ctx, trie, beam_width=BEAM, top_k=TOP_K)
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                if i >= 2:
+                    latencies.append(t2 - t0)
+                    search.append(t2 - t1)
+                assert all(len(set(row)) == TOP_K for row in recs.item_ids.tolist())
+            p50, search_p50 = float(np.percentile(latencies, 50)), float(np.percentile(search, 50))
+            out[name][f"batch_{b}"] = {
+                "requests_per_search": b, "searches": len(latencies),
+                "p50_ms": 1000 * p50, "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+                "search_p50_ms": 1000 * search_p50, "search_p99_ms": 1000 * float(np.percentile(search, 99)),
+                "requests_per_s": b / p50, "achieved_tflop_per_s": b * flops_per_request / p50 / 1e12,
+                "search_tflop_per_s": b * flops_per_request / search_p50 / 1e12}
+    return out
+
+
+def main_cuda(args) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    quants = ["bf16", "fp8"] if args.quant == "both" else ["fp8" if args.quant == "fp8" else "bf16"]
+    batches = args.batch or [1, 16, 64]
+    out = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "matmul_n": GPU_MATMUL_N, "matmul_bf16_tflop_per_s": gpu_matmul_tflops("bf16"),
+           "matmul_fp8_tflop_per_s": gpu_matmul_tflops("fp8")}
+    cfg = ModelConfig.from_name(args.config).replace(max_short=N_SHORT, max_long=N_CONTEXT_ITEMS - N_SHORT)
+    result = run_config_cuda(cfg, quants, batches, 10 if args.quick else 40)
+    peak_bf16, peak_fp8 = out["matmul_bf16_tflop_per_s"], out["matmul_fp8_tflop_per_s"]
+    for name in quants:
+        for row in result[name].values():
+            row["mfu"] = row["achieved_tflop_per_s"] / peak_bf16
+            row["search_mfu"] = row["search_tflop_per_s"] / peak_bf16
+            if name == "fp8":
+                row["mfu_vs_fp8_peak"] = row["achieved_tflop_per_s"] / peak_fp8
+                row["search_mfu_vs_fp8_peak"] = row["search_tflop_per_s"] / peak_fp8
+    out["config"] = args.config
+    out[args.config] = result
+    out["p99_ms"] = {name: {k: row["p99_ms"] for k, row in result[name].items()} for name in quants}
+    out["mfu"] = {name: {k: row["mfu"] for k, row in result[name].items()} for name in quants}
+    if len(quants) == 2:   # > 1: fp8 serves faster than bf16 at that batch
+        out["fp8_speedup_p50"] = {k: result["bf16"][k]["p50_ms"] / result["fp8"][k]["p50_ms"] for k in result["fp8"]}
+        out["fp8_speedup_search_p50"] = {k: result["bf16"][k]["search_p50_ms"] / result["fp8"][k]["search_p50_ms"]
+                                         for k in result["fp8"]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the 0.1B run")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="cpu: dtype of the 0.1B run")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quant", choices=["none", "fp8", "both"], default=None,
+                        help="cuda: bf16 (none), fp8 or both in one run (default both); cpu: none only")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="cuda: requests per beam search, one measurement each (default 1 16 64)")
+    parser.add_argument("--config", default="0.1B", help="cuda: the model preset measured (default 0.1B)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.device == "cuda":
+        args.quant = args.quant or "both"
+        out = main_cuda(args)
+        out["wall_s"] = time.perf_counter() - t0
+        print(json.dumps(out, indent=1))
+        return
+    if args.quant not in (None, "none") or args.batch or args.config != "0.1B":
+        parser.error("--quant, --batch and --config apply to --device cuda "
+                     "(fp8 on the CPU is an emulation, not a speed-up)")
     out = {"device": "cpu", "threads": args.threads}
     small_dtype = getattr(torch, args.dtype)
     tiny = ModelConfig.from_name("tiny").replace(max_short=N_SHORT, max_long=N_CONTEXT_ITEMS - N_SHORT)

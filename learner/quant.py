@@ -10,8 +10,14 @@ Modes (per output channel weight scales everywhere):
 - "int8_dynamic": int8 weights and per-row int8 activations, integer matmul (`torch._int_mm`)
   with int32 accumulation, rescaled to float.
 - "fp8": float8_e4m3fn weights (scale = row amax / 448, as in the OneRec FP8 work). On CUDA the
-  activations are quantized per row and multiplied with `torch._scaled_mm`; elsewhere the weights
-  are dequantized (an emulation with the same rounding of weights, used by the CPU tests).
+  activations are quantized per row and multiplied with `torch._scaled_mm` (row-wise scales,
+  bf16 output); elsewhere the weights are dequantized (an emulation with the same rounding of
+  weights, used by the CPU tests).
+
+`torch._scaled_mm` needs both dimensions of its weight operand to be multiples of 16: fp8 weights
+are stored zero-padded to (ceil16(out), ceil16(in)) (padded scales are 1), the CUDA path pads the
+activations' inner dimension with zeros and drops the padded output columns, so the result is the
+same function; `dequantized_weight` returns the (out, in) part.
 """
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MODES = ("int8_weight", "int8_dynamic", "fp8")
+FP8_ALIGN = 16               # torch._scaled_mm: inner and output dimensions multiples of 16
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _row_scale(w: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -43,15 +54,21 @@ class QuantizedLinear(nn.Module):
         w = linear.weight.detach()
         if mode == "fp8":
             scale = _row_scale(w, FP8_MAX)
-            self.register_buffer("weight_q", (w.float() / scale).to(FP8))
+            n_pad, k_pad = _round_up(self.out_features, FP8_ALIGN), _round_up(self.in_features, FP8_ALIGN)
+            padded = torch.zeros(n_pad, k_pad, device=w.device)                   # (ceil16(out), ceil16(in))
+            padded[: self.out_features, : self.in_features] = w.float() / scale
+            scale = torch.cat([scale, scale.new_ones(n_pad - self.out_features, 1)])
+            self.register_buffer("weight_q", padded.to(FP8))
         else:
             scale = _row_scale(w, 127.0)
             self.register_buffer("weight_q", torch.round(w.float() / scale).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("weight_scale", scale)                              # (out, 1) float32
+        self.register_buffer("weight_scale", scale)             # (out, 1) float32; fp8: (ceil16(out), 1)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight_q.float() * self.weight_scale).to(dtype)
+        """(out, in) weight as this module rounds it (without the fp8 padding)."""
+        w = (self.weight_q.float() * self.weight_scale).to(dtype)
+        return w[: self.out_features, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8_dynamic":
@@ -72,12 +89,19 @@ class QuantizedLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _fp8_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row fp8 activations x fp8 weights on the tensor cores, bf16 out, then x.dtype."""
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        x_scale = (flat.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # (M, 1)
-        x_q = (flat.float() / x_scale).to(FP8)
+        flat = x.reshape(-1, self.in_features)                                      # (M, in)
+        k_pad = self.weight_q.shape[1] - self.in_features
+        if k_pad:
+            flat = F.pad(flat, (0, k_pad))                                          # (M, ceil16(in))
+        x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # (M, 1)
+        x_q = (flat / x_scale).to(FP8)
         y = torch._scaled_mm(x_q, self.weight_q.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
-                             out_dtype=torch.bfloat16, bias=None if self.bias is None else self.bias.to(torch.bfloat16))
+                             out_dtype=torch.bfloat16)                              # (M, ceil16(out))
+        y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
