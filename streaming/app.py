@@ -44,7 +44,8 @@ import orjson
 
 from streaming.config import StreamConfig
 from streaming.join import WATERMARK_KEY, Batch, RequestJoiner, UserScorer, watermark_heartbeat
-from streaming.client import default_partition, send_record_batches, true_end_offsets  # noqa: F401
+from streaming.client import send_record_batches, true_end_offsets  # noqa: F401
+from streaming.partitioner import default_partition  # noqa: F401
 from streaming.topics import ensure_topics, topic_name
 
 log = logging.getLogger("onerec.worker")

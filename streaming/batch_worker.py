@@ -89,7 +89,6 @@ class BatchJoinWorker:
         self._stopping = asyncio.Event()
         self._last_beat = 0.0
         self._finishing: asyncio.Task | None = None   # the previous batch's produce/changelog/commit
-        self._partition_memo: dict[bytes, int] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -223,7 +222,7 @@ class BatchJoinWorker:
         await self._heartbeats(batches[0])
 
     async def _produce_and_wait(self, records: list) -> None:
-        futures = await send_record_batches(self.producer, records, self.cfg.partitions, memo=self._partition_memo)
+        futures = await send_record_batches(self.producer, records, self.cfg.partitions)
         if futures:
             await asyncio.gather(*futures)   # raises if the broker refused one: no commit, the worker exits
 

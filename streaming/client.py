@@ -24,6 +24,7 @@ from pathlib import Path
 
 from streaming import schemas
 from streaming.config import StreamConfig
+from streaming.partitioner import default_partitions
 from streaming.topics import topic_name
 
 
@@ -85,32 +86,22 @@ class SampleDeduplicator:
         return True
 
 
-def default_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2, as aiokafka and kafka-python) gives a key."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
 async def send_record_batches(producer, records: list[tuple[str, int | None, bytes, bytes | None]],
-                              partitions: int, *, memo: dict[bytes, int] | None = None) -> list:
+                              partitions: int) -> list:
     """Queue (topic, partition or None = by key, key, value) records on an AIOKafkaProducer as whole
     record batches per topic partition; return their delivery futures.
 
     Per-message `send` costs ~100 us of Python per record, more than the join itself. A record
-    without a partition lands where the default partitioner would put it (`default_partition`; every
-    topic has `partitions` partitions), so per-key order and co-partitioning are unchanged; order
-    within each partition is kept. `memo` (key -> partition) may be kept by the caller across calls.
+    without a partition lands where the default partitioner would put it
+    (`streaming.partitioner.default_partitions`, hashed for the whole call at once; every topic has
+    `partitions` partitions), so per-key order and co-partitioning are unchanged; order within each
+    partition is kept.
     """
+    by_key = iter(default_partitions([key for _, partition, key, _ in records if partition is None], partitions))
     by_partition: dict[tuple[str, int], list] = {}
-    memo = {} if memo is None else memo   # key -> partition; a caller may keep one across calls
-    if len(memo) > 1_000_000:
-        memo.clear()
     for topic, partition, key, value in records:
         if partition is None:
-            partition = memo.get(key)
-            if partition is None:
-                partition = memo[key] = default_partition(key, partitions)
+            partition = next(by_key)
         by_partition.setdefault((topic, partition), []).append((key, value))
     futures = []
     for (topic, partition), messages in by_partition.items():

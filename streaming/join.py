@@ -61,6 +61,7 @@ import orjson
 
 from streaming import schemas
 from streaming.config import StreamConfig
+from streaming.fast_schemas import ImpressionParts, context_plays, split_impression
 from streaming.reward import EMPTY_HISTORY_SCORE, duration_bucket
 from streaming.schemas import SchemaError
 
@@ -178,11 +179,6 @@ def decode_joined(raw: bytes) -> dict:
     return dict(orjson.loads(head), context=orjson.loads(context))
 
 
-def _impression_meta(partition: int, imp: schemas.Impression) -> tuple:
-    """What feedback is checked against: (partition, user_id, ts, shown item ids)."""
-    return partition, imp["user_id"], imp["ts"], tuple([item["item_id"] for item in imp["items"]])
-
-
 class RequestJoiner(_Stage):
     """Stage 1: impressions x feedback by request_id, closed by event-time windows.
 
@@ -204,7 +200,8 @@ class RequestJoiner(_Stage):
         self.first_wall: dict[int, float] = {}              # partition -> wall time it was first seen
         self._deadlines: dict[int, list] = {}  # partition -> heap of (event ts, kind 0 close / 1 expire, request_id)
         self._forgets: dict[int, list] = {}    # partition -> heap of (forget_at, 2, request_id) of closed markers
-        # request_id -> (`_impression_meta`, the impression without its context as JSON, the context as JSON)
+        # request_id -> (meta: (partition, user_id, ts, shown item ids), the impression without its context
+        # as JSON, the context as JSON)
         self._arrived: dict[bytes, tuple[tuple, bytes, bytes]] = {}
         self._feedback: dict[bytes, dict] = {}   # request_id -> {"p": partition, "fb": [{"event", "raw"}]}
         self._closed: dict[bytes, tuple[int, bytes]] = {}   # request_id -> (partition, closed marker)
@@ -219,7 +216,7 @@ class RequestJoiner(_Stage):
         self.last_wall[(partition, topic_kind)] = self.wall_clock()
         try:
             if topic_kind == "impressions":
-                self._on_impression(partition, schemas.decode_impression(raw), raw)
+                self._on_impression(partition, split_impression(raw), raw)
             elif topic_kind == "feedback":
                 self._on_feedback(partition, schemas.decode_feedback(raw), raw)
             else:
@@ -265,7 +262,7 @@ class RequestJoiner(_Stage):
 
     # --- open state: this batch's (decoded) first, then the stores'
     def _meta(self, rid: bytes) -> Sequence | None:
-        """`_impression_meta` of the open impression of `rid`, or None."""
+        """(partition, user_id, ts, shown item ids) of the open impression of `rid`, or None."""
         arrived = self._arrived.get(rid)
         if arrived is not None:
             return arrived[0]
@@ -305,10 +302,10 @@ class RequestJoiner(_Stage):
         self._feedback.clear()
         self._closed.clear()
 
-    def _on_impression(self, partition: int, imp: schemas.Impression, raw: bytes) -> None:
+    def _on_impression(self, partition: int, imp: ImpressionParts, raw: bytes) -> None:
         self.stats.impressions += 1
-        self._advance(partition, "impressions", imp["ts"])
-        rid = imp["request_id"].encode()
+        self._advance(partition, "impressions", imp.ts)
+        rid = imp.request_id.encode()
         if rid in self._closed or rid in self.stores["closed"]:
             self.stats.duplicates += 1      # redelivery of a request already joined
             return
@@ -317,24 +314,24 @@ class RequestJoiner(_Stage):
             stored = self.stores["impressions"].get(rid)
             arrived = None if stored is None else stored.split(b"\n", 2)
         if arrived is not None:   # the request is open: a redelivery, or a clash
-            if _impression_of(arrived[1], arrived[2]) == imp:
+            if (arrived[1] == imp.head and arrived[2] == imp.context) or (
+                    _impression_of(arrived[1], arrived[2]) == _impression_of(imp.head, imp.context)):
                 self.stats.duplicates += 1
                 return
-            self._dead(topic="impressions", reason=f"request_id {imp['request_id']!r} already used by a "
+            self._dead(topic="impressions", reason=f"request_id {imp.request_id!r} already used by a "
                        "different impression", original=raw, key=rid)
             return
-        head = dict(imp)
-        context = orjson.dumps(head.pop("context"))
-        meta = _impression_meta(partition, imp)
-        self._arrived[rid] = (meta, orjson.dumps(head), context)
-        heapq.heappush(self._deadlines.setdefault(partition, []), (imp["ts"] + self.window, 0, rid))
+        meta = (partition, imp.user_id, imp.ts, imp.item_ids)   # what feedback is checked against
+        self._arrived[rid] = (meta, imp.head, imp.context)
+        heapq.heappush(self._deadlines.setdefault(partition, []), (imp.ts + self.window, 0, rid))
         entry = self._feedback_entry(rid)
         if entry is not None:   # feedback that arrived first: check it against the impression now
             entry["fb"] = [f for f in entry["fb"] if self._joinable(meta, f["event"], f["raw"].encode())]
             self._feedback[rid] = entry
 
     def _joinable(self, meta: Sequence, fb: schemas.Feedback, raw: bytes) -> bool:
-        """Feedback that can never join this impression (`meta`: `_impression_meta`) becomes a dead letter here."""
+        """Feedback that can never join this impression (`meta`: partition, user_id, ts, shown item ids)
+        becomes a dead letter here."""
         _, user_id, ts, shown = meta
         rid = fb["request_id"]
         if fb["user_id"] != user_id:
@@ -543,7 +540,7 @@ class UserScorer(_Stage):
             schemas.validate_impression(joined, check_context=False)
             warm = None
             if str(joined["user_id"]).encode() not in self.stores["users"]:
-                warm = self._warm_start(schemas.decode_context(context))
+                warm = self._warm_start(*context_plays(context))
             if not isinstance(joined.get("feedback"), dict):
                 raise SchemaError("feedback must be an object of item_id -> feedback")
         except SchemaError as exc:
@@ -606,7 +603,7 @@ class UserScorer(_Stage):
         key = rid.encode()
         state_raw = self.stores["users"].get(uid)
         if state_raw is None:
-            recent, history = [], warm if warm is not None else self._warm_start(orjson.loads(context))
+            recent, history = [], warm if warm is not None else self._warm_start(*context_plays(context))
         else:
             recent, history = decode_user(state_raw)
         if rid in recent:
@@ -657,11 +654,13 @@ class UserScorer(_Stage):
             memo.update(zip(missing, buckets.tolist()))
         return [memo[d] for d in durations]
 
-    def _warm_start(self, context: schemas.UserContext) -> bytes:
+    def _warm_start(self, durations: list[float], play_times: list[float]) -> bytes:
         """A user the Table has never seen starts from the (duration, play time) pairs of the served context,
-        long then short (oldest first), at ts 0 (before every request). Returns the history bytes."""
-        durations = context["long"]["duration_s"] + context["short"]["duration_s"]
+        long then short (oldest first; `fast_schemas.context_plays`), at ts 0 (before every request), the
+        last `history_len` of them. Returns the history bytes."""
+        keep = self.cfg.history_len
+        durations, play_times = durations[-keep:], play_times[-keep:]
         rows = np.zeros((len(durations), 3), dtype=HISTORY_DTYPE)
-        rows[:, 0] = self._buckets(durations)
-        rows[:, 1] = context["long"]["play_time_s"] + context["short"]["play_time_s"]
-        return rows[-self.cfg.history_len:].tobytes()
+        rows[:, 0] = duration_bucket(np.asarray(durations, dtype=np.float64), self.cfg.duration_beta)
+        rows[:, 1] = play_times
+        return rows.tobytes()

@@ -202,3 +202,72 @@ def test_bools_are_not_integers_on_the_fast_path():
         with pytest.raises(SchemaError, match=r"\[\d\] must be (an integer|a number), got bool"):
             schemas.decode_impression(raw)
     assert schemas.decode_context(orjson.dumps({"profile": [1], "short": BEH, "long": EMPTY, "note": True}))
+
+
+# --- the join's msgspec decoders (streaming/fast_schemas.py) against the reference validators
+
+def _as_split(event: dict) -> tuple[dict, dict]:
+    """(head, context) of a valid impression, with the optional item members the fast path writes out
+    (null) filled in (the slow path, for the rare events the fast one leaves to it, writes them as given)."""
+    head = copy.deepcopy(event)
+    context = head.pop("context", None)
+    for item in head["items"]:
+        item.setdefault("semantic_id", None)
+        item.setdefault("logprob", None)
+    return head, context
+
+
+def test_the_joins_fast_decoders_accept_and_reject_what_the_schemas_do():
+    import numpy as np
+
+    from streaming.fast_schemas import context_plays, split_impression
+
+    rng = np.random.default_rng(1)
+    legacy = impression(source="legacy", items=[{"item_id": 5, "duration_s": 3}])
+    events = [impression(), legacy, impression(note="kept"), impression(ts=17), impression(user_id=2**64 - 1)]
+    huge = orjson.dumps(impression()).replace(b'"user_id":7', b'"user_id":' + str(2**70).encode())
+    cases = [orjson.dumps(e) for e in events] + [huge, b"{", b"[]", b'{"request_id": "r1"}']
+    for event in events[:2]:
+        cases += [orjson.dumps(mutated) for mutated in _mutations(rng, event, 500)]
+    outcomes = []
+    for raw in cases:
+        expected = _outcome(schemas.decode_impression, raw)
+        assert _outcome(split_impression, raw) == expected, raw
+        outcomes.append(expected)
+        if expected == "ok":
+            parts = split_impression(raw)
+            head, context = _as_split(schemas.decode_impression(raw))
+            assert b"\n" not in parts.head + parts.context
+            assert (_as_split(orjson.loads(parts.head))[0], orjson.loads(parts.context)) == (head, context)
+            assert (parts.request_id, parts.user_id, parts.ts) == (head["request_id"], head["user_id"], head["ts"])
+            assert parts.item_ids == tuple(item["item_id"] for item in head["items"])
+            assert _outcome(context_plays, parts.context) == "ok"
+            durations, plays = context_plays(parts.context)
+            assert durations == context["long"]["duration_s"] + context["short"]["duration_s"]
+            assert plays == context["long"]["play_time_s"] + context["short"]["play_time_s"]
+        event = orjson.loads(raw) if raw.startswith(b'{"') else None
+        if event is not None and isinstance(event.get("context"), dict):
+            context_raw = orjson.dumps(event["context"])
+            assert _outcome(context_plays, context_raw) == _outcome(schemas.decode_context, context_raw)
+    assert 0.1 < outcomes.count("ok") / len(outcomes) < 0.9     # both kinds of outcome were exercised
+
+
+def test_the_fast_path_serves_plain_impressions_and_keeps_context_bytes(monkeypatch):
+    import json
+
+    from streaming import fast_schemas
+
+    def slow_path(raw):
+        raise AssertionError("a plain impression went to the slow path")
+
+    monkeypatch.setattr(fast_schemas.schemas, "decode_impression", slow_path)
+    raw = orjson.dumps(impression())
+    parts = fast_schemas.split_impression(raw)
+    assert parts.context == orjson.dumps(impression()["context"])       # the producer's bytes, as they were
+    assert raw.find(parts.context) > 0
+    # a context spread over lines is written on one line (the join's records are JSON lines)
+    event = impression()
+    spread = raw.replace(orjson.dumps(event["context"]), json.dumps(event["context"], indent=1).encode())
+    assert b"\n" in spread
+    assert orjson.loads(fast_schemas.split_impression(spread).context) == event["context"]
+    assert b"\n" not in fast_schemas.split_impression(spread).context

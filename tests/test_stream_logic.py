@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import numpy as np
 import orjson
 
 from streaming import schemas
@@ -294,11 +295,23 @@ def test_scorer_dead_letters_a_malformed_joined_record():
 def test_default_partition_is_kafkas():
     from aiokafka.partitioner import DefaultPartitioner
 
-    from streaming.app import default_partition
+    from streaming.partitioner import default_partition
 
     for n in (1, 2, 3, 8):
         for key in (b"", b"r1", b"kr-123-4", b"\x00watermark", "9".encode()):
             assert default_partition(key, n) == DefaultPartitioner()(key, list(range(n)), list(range(n)))
+
+
+def test_batched_partitioner_matches_the_reference_key_by_key():
+    from streaming.partitioner import default_partition, default_partitions
+
+    rng = np.random.default_rng(3)
+    # every length class of the hash (whole words, 1-3 tail bytes), repeated lengths, bytes >= 0x80
+    keys = [rng.integers(0, 256, size=int(n), dtype=np.uint8).tobytes() for n in rng.integers(0, 41, size=3000)]
+    keys += [b"", b"r1", b"kr-123-4", b"\x00watermark", b"\xff" * 7] + [f"user-{i}".encode() for i in range(200)]
+    for n in (1, 2, 3, 8, 61):
+        assert default_partitions(keys, n) == [default_partition(k, n) for k in keys], n
+    assert default_partitions([], 4) == []
 
 
 # --- this batch's state waits decoded in memory and reaches the stores at drain(): the stores, the
