@@ -43,9 +43,9 @@ lines of JSON (orjson never writes a newline inside a document: lines split at t
   event); line 2 its context (`encode_joined` / `decode_joined`).
 - `impressions` store: `[partition, user_id, ts, [shown item ids]]`, then the two lines of the joined
   record (without `feedback`); `waiting` store: `[partition, ts]`, then the joined record.
-- `users` store: the recent request ids (JSON), then the history: rows of three little-endian
-  float64 (duration bucket, play_time_s, ts), sorted by ts (`encode_user` / `decode_user` /
-  `history_rows`).
+- `users` store: the number of recent requests (uint32), their 8-byte `request_hash`es, then the
+  history: rows of three little-endian float64 (duration bucket, play_time_s, ts), sorted by ts
+  (`encode_user` / `decode_user` / `history_rows`).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 import numpy as np
 import orjson
+import xxhash
 
 from streaming import schemas
 from streaming.config import StreamConfig
@@ -453,6 +454,7 @@ BUCKET_MEMO_SIZE = 100_000         # duration -> bucket entries kept (video dura
 HISTORY_DTYPE = "<f8"               # a user's history rows: little-endian float64
 HISTORY_ROW = 24                    # bytes per row: bucket, play_time_s, ts
 _FLOAT64 = struct.Struct(HISTORY_DTYPE[0] + "d")
+_COUNT = struct.Struct("<I")
 
 
 def watermark_heartbeat(source_partition: int, closed_through: float) -> bytes:
@@ -470,14 +472,35 @@ def engagement_q(plays: np.ndarray, play_time: float) -> float:
     return int(np.count_nonzero(plays <= play_time)) / plays.size
 
 
-def encode_user(recent: list[str], history: bytes) -> bytes:
-    """A `users` store value: the recent request ids (JSON, oldest first), then the history rows."""
-    return orjson.dumps(recent) + b"\n" + history
+def request_hash(request_id: str) -> bytes:
+    """8 bytes that stand for a request id in a user's recent requests (XXH3-64). Two of a user's last
+    `dedupe_requests` ids that collide (odds ~ 512 / 2**64 per request) would drop a sample."""
+    return xxhash.xxh3_64_digest(request_id.encode())
 
 
-def decode_user(value: bytes) -> tuple[list[str], bytes]:
-    recent, _, history = value.partition(b"\n")
-    return orjson.loads(recent), history
+def encode_user(recent: bytes, history: bytes) -> bytes:
+    """A `users` store value: the number of recent requests (uint32 LE), their `request_hash`es
+    (oldest first), then the history rows."""
+    return _COUNT.pack(len(recent) // 8) + recent + history
+
+
+def decode_user(value: bytes) -> tuple[bytes, bytes]:
+    """(recent request hashes, history rows) of a `users` store value."""
+    end = _COUNT.size + 8 * _COUNT.unpack_from(value)[0]
+    return value[_COUNT.size:end], value[end:]
+
+
+def _has_hash(recent: bytes, rid_hash: bytes) -> bool:
+    """Whether `rid_hash` is one of the 8-byte hashes in `recent` (a match must start on a hash)."""
+    at = recent.find(rid_hash)
+    while at >= 0 and at % 8:
+        at = recent.find(rid_hash, at + 1)
+    return at >= 0
+
+
+def recent_hashes(recent: bytes) -> list[bytes]:
+    """The `request_hash`es of a user's recent requests, oldest first (for tests and debugging)."""
+    return [recent[i:i + 8] for i in range(0, len(recent), 8)]
 
 
 def history_rows(history: bytes) -> np.ndarray:
@@ -603,10 +626,11 @@ class UserScorer(_Stage):
         key = rid.encode()
         state_raw = self.stores["users"].get(uid)
         if state_raw is None:
-            recent, history = [], warm if warm is not None else self._warm_start(*context_plays(context))
+            recent, history = b"", warm if warm is not None else self._warm_start(*context_plays(context))
         else:
             recent, history = decode_user(state_raw)
-        if rid in recent:
+        rid_hash = request_hash(rid)
+        if _has_hash(recent, rid_hash):
             self.stats.duplicates += 1
             return
         ts, items, feedback = joined["ts"], joined["items"], joined["feedback"]
@@ -639,8 +663,8 @@ class UserScorer(_Stage):
             else:
                 at = int(values[2::3].searchsorted(ts, side="right")) * HISTORY_ROW
                 history = history[:at] + new_rows + history[at:]
-        recent.append(rid)
-        self._put("users", partition, uid, encode_user(recent[-self.cfg.dedupe_requests:],
+        recent = (recent + rid_hash)[-8 * self.cfg.dedupe_requests:]
+        self._put("users", partition, uid, encode_user(recent,
                                                        history[-self.cfg.history_len * HISTORY_ROW:]))
 
     def _buckets(self, durations: list[float]) -> list[int]:

@@ -11,7 +11,7 @@ import orjson
 from streaming import schemas
 from streaming.config import StreamConfig
 from streaming.join import (WATERMARK_KEY, RequestJoiner, UserScorer, decode_joined, decode_user, encode_joined,
-                            history_rows, watermark_heartbeat)
+                            history_rows, recent_hashes, request_hash, watermark_heartbeat)
 
 EMPTY = {"item_id": [], "duration_s": [], "play_time_s": [], "flags": []}
 
@@ -162,7 +162,7 @@ def test_scorer_waits_for_every_partition_and_scores_in_ts_order():
     released.update(scores(shuffled))
     assert released == expected                    # the close order did not change q
     recent, history = decode_user(shuffled.stores["users"][b"9"])
-    assert recent == ["r1", "r2", "r3"]
+    assert recent_hashes(recent) == [request_hash(r) for r in ("r1", "r2", "r3")]
     assert history_rows(history)[:, 1].tolist() == [8.0, 2.0, 5.0]   # bounded, newest kept
     shuffled.on_joined(0, b"9", records[0])        # a redelivered request is dropped
     shuffled.release()
@@ -464,3 +464,13 @@ def test_a_request_scored_after_a_later_one_enters_the_history_in_ts_order():
     assert scores(s) == {("r200", 0): 0.5, ("r100", 0): 0.5, ("r150", 0): 1.0, ("r150", 1): 0.0}
     _, history = decode_user(s.stores["users"][b"9"])
     assert history_rows(history)[:, 2].tolist() == [100.0, 150.0, 150.0, 200.0]
+
+
+def test_a_request_hash_matches_only_on_its_own_slot():
+    from streaming.join import _has_hash
+
+    a, b = request_hash("a"), request_hash("b")
+    recent = a + b
+    assert _has_hash(recent, a) and _has_hash(recent, b) and not _has_hash(recent, request_hash("c"))
+    assert not _has_hash(recent, recent[4:12])      # 8 bytes that straddle two hashes are not a hash
+    assert not _has_hash(b"", a)
