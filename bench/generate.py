@@ -17,14 +17,19 @@ always uses the same dtype). OMP_WAIT_POLICY=PASSIVE because the 2 cores are sha
 OpenMP threads otherwise stall each other.
 
 On a GPU (`--device cuda`) the 0.1B config is measured in bf16 and, in the same run, with its
-Linear layers quantized to FP8 (`learner.quant.quantize_model(model, "fp8")`: per-row fp8
-activations x fp8 weights through `torch._scaled_mm`), for one request per beam search and for
-batches of requests (`--batch`: B requests share one search, B x 512 beams per level; latency is
-that of the whole batch, which each of its requests waits for). `mfu` = achieved FLOP/s at p50 /
-a large bf16 matmul's FLOP/s; for fp8 also against a large row-scaled fp8 `_scaled_mm`
-(`mfu_vs_fp8_peak`), both measured in the same run (CUDA events, after warm-up). Timings
-synchronize the device before reading the clock. `search_p50_ms` leaves out the featurization
-(CPU work that happens before the context reaches the GPU).
+Linear layers quantized to FP8: `fp8` is what serves (`quantize_model(model, "fp8",
+rule=SERVING_FP8_RULE)`: the fused per-row activation quantization, fp8 only for the wide Linears
+in calls of many rows), `fp8_unfused` is every Linear in fp8 with the reference (unfused)
+activation quantization, the path before the fused kernel. Each is measured for one request per
+beam search and for batches of requests (`--batch`: B requests share one search, B x 512 beams per
+level; latency is that of the whole batch, which each of its requests waits for); the models take
+turns on the same requests, so drift in the machine's load hits them alike. `mfu` = achieved
+FLOP/s at p50 / a large bf16 matmul's FLOP/s; for fp8 also against a large row-scaled fp8
+`_scaled_mm` (`mfu_vs_fp8_peak`), both measured in the same run (CUDA events, after warm-up).
+Timings synchronize the device before reading the clock. `search_p50_ms` leaves out the
+featurization (CPU work that happens before the context reaches the GPU, the noisiest part);
+`speedup_vs_bf16_search_p50` (> 1: faster than bf16) compares searches, and each row's
+`search_speedup_vs_bf16_paired` is the median of the per-request ratios.
 
     python bench/generate.py           # ~2-3 minutes on 2 cores
     python bench/generate.py --quick   # fewer requests
@@ -48,7 +53,7 @@ from learner.config import ModelConfig  # noqa: E402
 from learner.features import build_context_batch  # noqa: E402
 from learner.flops import generation_flops  # noqa: E402
 from learner.model import LazyDecoder  # noqa: E402
-from learner.quant import FP8, quantize_model  # noqa: E402
+from learner.quant import FP8, SERVING_FP8_RULE, quantize_model  # noqa: E402
 from learner.synthetic import random_code_tokenizer, random_context  # noqa: E402
 
 N_CONTEXT_ITEMS = 3000
@@ -143,16 +148,23 @@ def gpu_matmul_tflops(kind: str, n: int = GPU_MATMUL_N, reps: int = 20, rounds: 
     return float(np.median(results))
 
 
-def run_config_cuda(cfg: ModelConfig, quants: list[str], batches: list[int], n_requests: int) -> dict:
-    """One preset (0.1B by default) on the GPU: for each weight format and request batch,
-    `n_requests` timed searches after 2 warm-ups. Weights are bf16 (fp8: the Linear layers
-    quantized from those bf16 weights)."""
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    base = LazyDecoder(cfg).eval().to(device=device, dtype=torch.bfloat16)
+def cuda_models(base: torch.nn.Module, quants: list[str]) -> dict[str, torch.nn.Module]:
+    """The weight formats measured: bf16; fp8 as served (fused activation quantization,
+    SERVING_FP8_RULE); fp8_unfused (every Linear, the reference activation quantization: the
+    path before the fused kernel), in the same run."""
     models = {"bf16": base} if "bf16" in quants else {}
     if "fp8" in quants:
-        models["fp8"] = quantize_model(base, "fp8")
+        models["fp8"] = quantize_model(base, "fp8", rule=SERVING_FP8_RULE)
+        models["fp8_unfused"] = quantize_model(base, "fp8", activation_kernel="reference")
+    return models
+
+
+def run_config_cuda(cfg: ModelConfig, base: torch.nn.Module, models: dict[str, torch.nn.Module],
+                    batches: list[int], n_requests: int) -> dict:
+    """One preset (0.1B by default) on the GPU: for each request batch, `n_requests` timed searches
+    of each model after 2 warm-ups, the models taking turns on the same requests.
+    `base` is the bf16 model the others were made from."""
+    device = torch.device("cuda")
     tok = random_code_tokenizer(min(200_000, cfg.codebook_size ** 3 // 2), cfg.codebook_size, seed=1)
     trie = tok.trie().to(device)
     rng = np.random.default_rng(0)
@@ -162,12 +174,14 @@ def run_config_cuda(cfg: ModelConfig, quants: list[str], batches: list[int], n_r
     flops_per_request = generation_flops(cfg, n_tokens, beams_per_level=beams_per_level(cfg, trie, BEAM))
     out = {"params": sum(p.numel() for p in base.parameters()), "context_tokens": n_tokens, "beam_width": BEAM,
            "top_k": TOP_K, "gflops_per_request": flops_per_request / 1e9}
-    for name, model in models.items():
+    for name in models:
         out[name] = {}
-        for b in batches:
-            latencies, search = [], []
-            for i in range(n_requests + 2):                       # the first 2 warm up
-                group = [contexts[(i * b + j) % len(contexts)] for j in range(b)]
+    for b in batches:
+        latencies = {name: [] for name in models}
+        search = {name: [] for name in models}
+        for i in range(n_requests + 2):                           # the first 2 warm up
+            group = [contexts[(i * b + j) % len(contexts)] for j in range(b)]
+            for name, model in models.items():                   # interleaved: drift hits all alike
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 ctx = build_context_batch(group, tok, cfg).to(device)
@@ -177,16 +191,45 @@ def run_config_cuda(cfg: ModelConfig, quants: list[str], batches: list[int], n_r
                 torch.cuda.synchronize()
                 t2 = time.perf_counter()
                 if i >= 2:
-                    latencies.append(t2 - t0)
-                    search.append(t2 - t1)
+                    latencies[name].append(t2 - t0)
+                    search[name].append(t2 - t1)
                 assert all(len(set(row)) == TOP_K for row in recs.item_ids.tolist())
-            p50, search_p50 = float(np.percentile(latencies, 50)), float(np.percentile(search, 50))
+        for name in models:
+            p50, search_p50 = float(np.percentile(latencies[name], 50)), float(np.percentile(search[name], 50))
             out[name][f"batch_{b}"] = {
-                "requests_per_search": b, "searches": len(latencies),
-                "p50_ms": 1000 * p50, "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-                "search_p50_ms": 1000 * search_p50, "search_p99_ms": 1000 * float(np.percentile(search, 99)),
+                "requests_per_search": b, "searches": len(latencies[name]),
+                "p50_ms": 1000 * p50, "p99_ms": 1000 * float(np.percentile(latencies[name], 99)),
+                "search_p50_ms": 1000 * search_p50, "search_p99_ms": 1000 * float(np.percentile(search[name], 99)),
                 "requests_per_s": b / p50, "achieved_tflop_per_s": b * flops_per_request / p50 / 1e12,
                 "search_tflop_per_s": b * flops_per_request / search_p50 / 1e12}
+            if "bf16" in models:        # paired: each search against bf16's on the same requests
+                out[name][f"batch_{b}"]["search_speedup_vs_bf16_paired"] = float(np.median(
+                    np.asarray(search["bf16"]) / np.asarray(search[name])))
+    return out
+
+
+def summarize_cuda(out: dict, result: dict) -> dict:
+    """mfu per row (against the large bf16 / fp8 matmuls measured in the run) and, per model,
+    bf16 p50 / model p50 (> 1: faster than bf16) for whole requests and for the search alone."""
+    names = [k for k in result if isinstance(result[k], dict)]
+    peak_bf16, peak_fp8 = out["matmul_bf16_tflop_per_s"], out["matmul_fp8_tflop_per_s"]
+    for name in names:
+        for row in result[name].values():
+            row["mfu"] = row["achieved_tflop_per_s"] / peak_bf16
+            row["search_mfu"] = row["search_tflop_per_s"] / peak_bf16
+            if name != "bf16":
+                row["mfu_vs_fp8_peak"] = row["achieved_tflop_per_s"] / peak_fp8
+                row["search_mfu_vs_fp8_peak"] = row["search_tflop_per_s"] / peak_fp8
+    out["p99_ms"] = {name: {k: row["p99_ms"] for k, row in result[name].items()} for name in names}
+    out["mfu"] = {name: {k: row["mfu"] for k, row in result[name].items()} for name in names}
+    if "bf16" in names:
+        for name in names:
+            if name == "bf16":
+                continue
+            out.setdefault("speedup_vs_bf16_p50", {})[name] = {
+                k: result["bf16"][k]["p50_ms"] / row["p50_ms"] for k, row in result[name].items()}
+            out.setdefault("speedup_vs_bf16_search_p50", {})[name] = {
+                k: result["bf16"][k]["search_p50_ms"] / row["search_p50_ms"] for k, row in result[name].items()}
     return out
 
 
@@ -199,34 +242,25 @@ def main_cuda(args) -> dict:
            "matmul_n": GPU_MATMUL_N, "matmul_bf16_tflop_per_s": gpu_matmul_tflops("bf16"),
            "matmul_fp8_tflop_per_s": gpu_matmul_tflops("fp8")}
     cfg = ModelConfig.from_name(args.config).replace(max_short=N_SHORT, max_long=N_CONTEXT_ITEMS - N_SHORT)
-    result = run_config_cuda(cfg, quants, batches, 10 if args.quick else 40)
-    peak_bf16, peak_fp8 = out["matmul_bf16_tflop_per_s"], out["matmul_fp8_tflop_per_s"]
-    for name in quants:
-        for row in result[name].values():
-            row["mfu"] = row["achieved_tflop_per_s"] / peak_bf16
-            row["search_mfu"] = row["search_tflop_per_s"] / peak_bf16
-            if name == "fp8":
-                row["mfu_vs_fp8_peak"] = row["achieved_tflop_per_s"] / peak_fp8
-                row["search_mfu_vs_fp8_peak"] = row["search_tflop_per_s"] / peak_fp8
+    torch.manual_seed(0)
+    base = LazyDecoder(cfg).eval().to(device=torch.device("cuda"), dtype=torch.bfloat16)
+    result = run_config_cuda(cfg, base, cuda_models(base, quants), batches, 10 if args.quick else 40)
     out["config"] = args.config
     out[args.config] = result
-    out["p99_ms"] = {name: {k: row["p99_ms"] for k, row in result[name].items()} for name in quants}
-    out["mfu"] = {name: {k: row["mfu"] for k, row in result[name].items()} for name in quants}
-    if len(quants) == 2:   # > 1: fp8 serves faster than bf16 at that batch
-        out["fp8_speedup_p50"] = {k: result["bf16"][k]["p50_ms"] / result["fp8"][k]["p50_ms"] for k in result["fp8"]}
-        out["fp8_speedup_search_p50"] = {k: result["bf16"][k]["search_p50_ms"] / result["fp8"][k]["search_p50_ms"]
-                                         for k in result["fp8"]}
-    return out
+    out["fp8_rule"] = {"min_out_features": SERVING_FP8_RULE.min_out_features, "min_rows": SERVING_FP8_RULE.min_rows}
+    return summarize_cuda(out, result)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="cpu: dtype of the 0.1B run")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="cpu: dtype of the 0.1B run")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quant", choices=["none", "fp8", "both"], default=None,
-                        help="cuda: bf16 (none), fp8 or both in one run (default both); cpu: none only")
+                        help="cuda: bf16 (none), fp8 (and fp8_unfused) or both in one run (default both); "
+                             "cpu: none only")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="cuda: requests per beam search, one measurement each (default 1 16 64)")
     parser.add_argument("--config", default="0.1B", help="cuda: the model preset measured (default 0.1B)")

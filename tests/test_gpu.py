@@ -19,7 +19,8 @@ from learner.beam import beam_search
 from learner.config import ModelConfig
 from learner.features import build_context_batch
 from learner.model import LazyDecoder
-from learner.quant import FP8, FP8_MAX, QuantizedLinear, quantize_model
+from learner.quant import (FP8, FP8_MAX, Fp8Rule, QuantizedLinear, quantize_model, quantize_rows_fused,
+                           quantize_rows_reference)
 from learner.synthetic import random_catalogue, random_context
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -85,10 +86,12 @@ def assert_same_ranking(got_items, got_logprobs, want_items, want_logprobs, atol
     (640, 1920, False, (513, 640)),     # 0.1B's FFN, a beam of 512 + 1
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_linear_on_cuda_matches_dequantized_reference(in_f, out_f, bias, x_shape, dtype):
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_fp8_linear_on_cuda_matches_dequantized_reference(in_f, out_f, bias, x_shape, dtype, kernel):
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
     q = QuantizedLinear(lin, "fp8").to(CUDA)
+    q.activation_kernel = kernel
     x = torch.randn(*x_shape, device=CUDA).to(dtype)
     y = q(x)
     assert y.shape == (*x_shape[:-1], out_f) and y.dtype == dtype and torch.isfinite(y).all()
@@ -115,6 +118,52 @@ def test_fp8_linear_cuda_matches_cpu_emulation_and_zero_rows():
     torch.testing.assert_close(q_gpu(x.to(CUDA))[3].cpu(), lin.bias.detach(), rtol=0, atol=1e-2)
     empty = q_gpu(torch.zeros(0, 96, device=CUDA))
     assert empty.shape == (0, 80)
+
+
+@pytest.mark.parametrize("m, k, k_pad, dtype, strided", [
+    (5, 64, 64, torch.float32, False),
+    (513, 640, 640, torch.bfloat16, False),     # 0.1B's width, a beam of 512 + 1
+    (33, 405, 416, torch.bfloat16, False),      # inner dimension padded to 16
+    (40, 1920, 1920, torch.bfloat16, True),     # rows with a stride (hidden[:, -1] feeds the heads)
+    (7, 5952, 5952, torch.bfloat16, False),     # 1B's d_ff: wider than one block, two passes
+    (0, 64, 64, torch.bfloat16, False),
+])
+def test_fused_row_quantization_matches_reference(m, k, k_pad, dtype, strided):
+    torch.manual_seed(0)
+    x = (torch.randn(m, 3 if strided else 1, k, device=CUDA) * 4).to(dtype)[:, -1]        # (m, k)
+    if m > 3:
+        x[3] = 0.0                                         # an all-zero row: the scale clamps, no NaN
+        x[2, 0] = 1e4                                      # an outlier: its row's other values shrink
+    x_q, x_scale = quantize_rows_fused(x, k_pad)
+    ref_q, ref_scale = quantize_rows_reference(x, k_pad)
+    assert x_q.dtype == FP8 and x_q.shape == (m, k_pad) and x_scale.shape == (m, 1) and x_scale.dtype == torch.float32
+    torch.testing.assert_close(x_scale, ref_scale, rtol=1e-6, atol=0)
+    got, want = x_q.float(), ref_q.float()
+    assert torch.isfinite(got).all() and (got[:, k:] == 0).all()
+    if m:
+        # the same fp8 codes, but for the rare value on a rounding tie of a differently rounded division
+        assert float((got == want).float().mean()) > 0.999
+        torch.testing.assert_close(got, want, rtol=0.13, atol=2 ** -9)      # within one e4m3 step
+
+
+def test_fp8_rule_on_cuda_small_calls_use_the_rounded_weight(catalogue):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = QuantizedLinear(lin, "fp8", min_rows=16).to(CUDA)
+    small = torch.randn(15, 64, device=CUDA)
+    torch.testing.assert_close(q(small), F.linear(small, q.dequantized_weight(torch.float32), lin.bias.to(CUDA)))
+    big = torch.randn(16, 64, device=CUDA)             # >= min_rows: fp8 activations, a different rounding
+    exact = F.linear(big, q.dequantized_weight(torch.float32), lin.bias.to(CUDA))
+    assert 0 < rel_error(q(big), exact) < 0.05
+
+    model = LazyDecoder(CFG).eval().to(CUDA)
+    quantized = quantize_model(model, "fp8", rule=Fp8Rule(min_out_features=2 * CFG.d_model, min_rows=8))
+    fp8 = [m for m in quantized.modules() if isinstance(m, QuantizedLinear)]
+    assert fp8 and all(m.out_features >= 2 * CFG.d_model for m in fp8)
+    assert len({id(m.memo) for m in fp8}) == 1                 # one memo: gate and up quantize x once
+    ctx, targets = batch(CFG, catalogue)
+    with torch.no_grad():
+        assert rel_error(quantized(ctx.to(CUDA), targets.to(CUDA)), model(ctx.to(CUDA), targets.to(CUDA))) < 0.1
 
 
 # ------------------------------------------------------------------------------------------ quantized model

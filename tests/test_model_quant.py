@@ -7,7 +7,8 @@ from learner.beam import beam_search
 from learner.config import ModelConfig
 from learner.features import build_context_batch
 from learner.model import LazyDecoder
-from learner.quant import QuantizedLinear, quantize_model, weight_bytes
+from learner.quant import (ActivationMemo, Fp8Rule, QuantizedLinear, quantize_model, quantize_rows_fused,
+                           quantize_rows_reference, weight_bytes)
 from learner.synthetic import random_catalogue, random_context
 from tests.model_fixtures import one_thread  # noqa: F401  (autouse)
 
@@ -61,3 +62,49 @@ def test_weights_shrink_and_bad_mode_raises(setup):
     assert saved > 0.7 * linear_bytes
     with pytest.raises(ValueError, match="mode"):
         quantize_model(model, "int4")
+
+
+def test_fp8_rule_keeps_narrow_linears_in_full_precision(setup):
+    model, tok, ctx, targets = setup
+    widths = sorted({m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    cut = widths[len(widths) // 2]
+    q = quantize_model(model, "fp8", rule=Fp8Rule(min_out_features=cut, min_rows=8))
+    kept = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in q.modules() if isinstance(m, QuantizedLinear)]
+    assert kept and quantized
+    assert all(m.out_features < cut for m in kept) and all(m.out_features >= cut for m in quantized)
+    assert all(m.min_rows == 8 for m in quantized)
+    with torch.no_grad():
+        ref, out = model(ctx, targets), q(ctx, targets)
+    assert float((out - ref).norm() / ref.norm()) < 0.1
+    # int8 modes ignore the fp8 rule
+    int8 = quantize_model(model, "int8_weight", rule=Fp8Rule(min_out_features=10 ** 6))
+    assert sum(isinstance(m, QuantizedLinear) for m in int8.modules()) == sum(
+        isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_activation_memo_reuses_only_the_same_unchanged_tensor():
+    torch.manual_seed(0)
+    memo = ActivationMemo()
+    x = torch.randn(2, 3, 40)
+    first = memo.quantize(x, 48, "reference")
+    x_q, x_scale = first
+    assert x_q.shape == (6, 48) and x_scale.shape == (6, 1)
+    ref_q, ref_scale = quantize_rows_reference(x.reshape(6, 40), 48)
+    assert torch.equal(x_q.float(), ref_q.float()) and torch.equal(x_scale, ref_scale)
+    assert memo.quantize(x, 48, "reference") is first                    # the same tensor: reused
+    assert memo.quantize(x.clone(), 48, "reference") is not first         # an equal copy: recomputed
+    x.mul_(2.0)                                                             # changed in place: recomputed
+    again = memo.quantize(x, 48, "reference")
+    assert again is not first
+    torch.testing.assert_close(again[1], 2 * x_scale)
+
+
+def test_fp8_options_are_checked():
+    lin = torch.nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="min_rows"):
+        QuantizedLinear(lin, "fp8", min_rows=-1)
+    with pytest.raises(ValueError, match="activation_kernel"):
+        quantize_model(torch.nn.Sequential(lin), "fp8", activation_kernel="cuda")
+    with pytest.raises(ValueError, match="CUDA"):
+        quantize_rows_fused(torch.randn(3, 8), 16)
