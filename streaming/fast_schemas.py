@@ -24,7 +24,7 @@ import orjson
 from streaming import schemas
 from streaming.schemas import SchemaError
 
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]   # larger: the slow path (orjson reads ints >= 2**64 as floats)
+Count = Annotated[int, msgspec.Meta(ge=0, le=schemas.MAX_INT)]
 Time = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]     # finite, >= 0 (ints accepted)
 Flags = Annotated[int, msgspec.Meta(ge=0, le=schemas.MAX_FLAGS)]
 LogProb = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=0.0)]
@@ -64,9 +64,55 @@ class _Impression(msgspec.Struct, forbid_unknown_fields=True):   # other members
     context: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET   # required: checked after decoding
 
 
+class _Feedback(msgspec.Struct):
+    request_id: Annotated[str, msgspec.Meta(min_length=1)]
+    user_id: Count
+    item_id: Count
+    ts: Time
+    play_time_s: Time
+    dislike: bool
+    like: bool = False
+    follow: bool = False
+    comment: bool = False
+    forward: bool = False
+    collect: bool = False
+
+
+class JoinedHead(msgspec.Struct):
+    """Line 1 of a `joined` record, as stage 2 reads it: the impression without its context, and the
+    feedback per shown item (item id as a string -> the feedback event's bytes, which samples carry)."""
+    request_id: Annotated[str, msgspec.Meta(min_length=1)]
+    user_id: Count
+    ts: Time
+    model_version: Count
+    source: Literal["onerec", "legacy"]
+    items: Annotated[list[_Item], msgspec.Meta(min_length=1)]
+    feedback: dict[str, msgspec.Raw]
+
+
+class Sample(msgspec.Struct):
+    """A `samples` record (schemas.Sample), with the feedback event and the context as JSON bytes."""
+    request_id: str
+    user_id: int
+    item_id: int
+    ts: float
+    model_version: int
+    source: str
+    semantic_id: list[int] | None
+    duration_s: float
+    logprob: float | None
+    feedback: msgspec.Raw | None
+    q: float | None
+    duration_bucket: int
+    context: msgspec.Raw
+
+
 _IMPRESSION = msgspec.json.Decoder(_Impression)
 _CONTEXT = msgspec.json.Decoder(_Context)
+_FEEDBACK = msgspec.json.Decoder(_Feedback)
+_JOINED_HEAD = msgspec.json.Decoder(JoinedHead)
 _ENCODER = msgspec.json.Encoder()
+encode_sample = _ENCODER.encode
 
 
 class ImpressionParts(NamedTuple):
@@ -132,3 +178,37 @@ def context_plays(raw: bytes) -> tuple[list[float], list[float]]:
     context = schemas.decode_context(raw)
     return (context["long"]["duration_s"] + context["short"]["duration_s"],
             context["long"]["play_time_s"] + context["short"]["play_time_s"])
+
+
+class JoinedRequest(NamedTuple):
+    """A valid joined record's line 1, as stage 2 scores it."""
+    head: JoinedHead
+    play_times: dict[str, float]   # item id (string) -> play_time_s of its feedback
+
+
+def decode_joined_head(raw: bytes) -> JoinedRequest:
+    """Line 1 of a joined record: every field but the context checked (stage 1 checked the context), each
+    feedback a valid feedback event; raises SchemaError naming the field otherwise."""
+    try:
+        head = _JOINED_HEAD.decode(raw)
+        if _items_ok(head):
+            return JoinedRequest(head, {item: _FEEDBACK.decode(event).play_time_s
+                                        for item, event in head.feedback.items()})
+        problem = "items do not match the source"
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        problem = str(exc)
+    try:   # the slow path names the field
+        joined = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"joined record: not valid JSON ({exc})") from None
+    if not isinstance(joined, dict):
+        raise SchemaError("joined record must be a JSON object, then its context on a second line")
+    schemas.validate_impression(joined, check_context=False)
+    feedback = joined.get("feedback")
+    if not isinstance(feedback, dict):
+        raise SchemaError("feedback must be an object of item_id -> feedback")
+    for item, event in feedback.items():
+        if not isinstance(event, dict):
+            raise SchemaError(f"feedback[{item!r}] must be a feedback event")
+        schemas.validate_feedback(event)
+    raise SchemaError(f"joined record: {problem}")

@@ -56,13 +56,15 @@ from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 import orjson
 import xxhash
 
 from streaming import schemas
 from streaming.config import StreamConfig
-from streaming.fast_schemas import ImpressionParts, context_plays, split_impression
+from streaming.fast_schemas import (ImpressionParts, JoinedRequest, Sample, context_plays, decode_joined_head,
+                                    encode_sample, split_impression)
 from streaming.reward import EMPTY_HISTORY_SCORE, duration_bucket
 from streaming.schemas import SchemaError
 
@@ -537,7 +539,7 @@ class UserScorer(_Stage):
         self._warm: dict[bytes, bytes] = {}
         # request_id -> (partition, line 1 decoded, context bytes, record, warm-start history or None): the
         # requests that arrived in this batch and wait; `drain` puts the rest into the `waiting` store
-        self._arrived: dict[bytes, tuple[int, dict, bytes, bytes, bytes | None]] = {}
+        self._arrived: dict[bytes, tuple[int, JoinedRequest, bytes, bytes, bytes | None]] = {}
 
     def on_joined(self, partition: int, key: bytes | None, raw: bytes) -> None:
         if partition not in self._seen_partitions:   # start, restart or rebalance: Tables just restored
@@ -550,32 +552,26 @@ class UserScorer(_Stage):
             # has events again, a finite mark that new requests from other sources must wait for
             self.closed_through[slot] = float(beat["closed_through"])
             return
+        head, newline, context = raw.partition(b"\n")
         try:
-            head, newline, context = raw.partition(b"\n")
-            joined = orjson.loads(head)
-            if not isinstance(joined, dict) or not newline:
+            if not newline:
                 raise SchemaError("joined record must be a JSON object, then its context on a second line")
             if not (context.startswith(b"{") and context.endswith(b"}")):
                 raise SchemaError("context must be an object with profile, short, long")
             # Stage 1 validated the whole impression and wrote its context's JSON bytes. The context (the
             # bulk of the record) is parsed here only to warm-start a user the Table has not seen: checked
             # then; every other field is checked on every record. Samples carry the context's bytes as they are.
-            schemas.validate_impression(joined, check_context=False)
+            joined = decode_joined_head(head)
             warm = None
-            if str(joined["user_id"]).encode() not in self.stores["users"]:
+            if str(joined.head.user_id).encode() not in self.stores["users"]:
                 warm = self._warm_start(*context_plays(context))
-            if not isinstance(joined.get("feedback"), dict):
-                raise SchemaError("feedback must be an object of item_id -> feedback")
         except SchemaError as exc:
             self._dead(topic="joined", reason=exc.reason, original=raw, key=key)
             return
-        except orjson.JSONDecodeError as exc:
-            self._dead(topic="joined", reason=str(exc), original=raw, key=key)
-            return
-        rid = joined["request_id"].encode()
+        rid = joined.head.request_id.encode()
         if rid not in self._arrived and rid not in self.stores["waiting"]:
             self._arrived[rid] = (partition, joined, context, raw, warm)
-            heapq.heappush(self._ready.setdefault(partition, []), (joined["ts"], rid))
+            heapq.heappush(self._ready.setdefault(partition, []), (joined.head.ts, rid))
 
     def release(self) -> None:
         """Score, in ts order, the waiting requests that every source partition has closed through."""
@@ -595,12 +591,12 @@ class UserScorer(_Stage):
                     continue
                 self._put("waiting", partition, rid, None)
                 _, head, context = raw.split(b"\n", 2)
-                self._score(partition, orjson.loads(head), context, self._warm.pop(rid, None))
+                self._score(partition, decode_joined_head(head), context, self._warm.pop(rid, None))
 
     def drain(self) -> Batch:
         """Store the requests of this batch that still wait, then hand over the batch."""
         for rid, (partition, joined, _, raw, warm) in self._arrived.items():
-            self._put("waiting", partition, rid, orjson.dumps([partition, joined["ts"]]) + b"\n" + raw)
+            self._put("waiting", partition, rid, orjson.dumps([partition, joined.head.ts]) + b"\n" + raw)
             if warm is not None:
                 self._warm[rid] = warm
         self._arrived.clear()
@@ -612,17 +608,18 @@ class UserScorer(_Stage):
             partition, ts = _first_line(raw)
             heaps.setdefault(partition, []).append((ts, rid))
         for rid, (partition, joined, *_) in self._arrived.items():
-            heaps.setdefault(partition, []).append((joined["ts"], rid))
+            heaps.setdefault(partition, []).append((joined.head.ts, rid))
         for heap in heaps.values():
             heapq.heapify(heap)
         self._ready = heaps
         self._warm.clear()
 
-    def _score(self, partition: int, joined: dict, context: bytes, warm: bytes | None) -> None:
+    def _score(self, partition: int, joined: JoinedRequest, context: bytes, warm: bytes | None) -> None:
         """Samples of one request (`joined`: line 1 of its record; `context`: the context's JSON bytes;
         `warm`: the warm-start history from the context, if on arrival the user was new)."""
-        uid = str(joined["user_id"]).encode()
-        rid = joined["request_id"]
+        head, play_times = joined
+        uid = str(head.user_id).encode()
+        rid = head.request_id
         key = rid.encode()
         state_raw = self.stores["users"].get(uid)
         if state_raw is None:
@@ -633,8 +630,8 @@ class UserScorer(_Stage):
         if _has_hash(recent, rid_hash):
             self.stats.duplicates += 1
             return
-        ts, items, feedback = joined["ts"], joined["items"], joined["feedback"]
-        buckets = self._buckets([item["duration_s"] for item in items])
+        ts, items, feedback = head.ts, head.items, head.feedback
+        buckets = self._buckets([item.duration_s for item in items])
         values = np.frombuffer(history, dtype=HISTORY_DTYPE)   # (3 H,) rows bucket, play_time_s, ts
         # only plays of requests that happened before this one count, whatever order they closed in;
         # requests are scored in ts order, so usually every row is earlier
@@ -642,19 +639,18 @@ class UserScorer(_Stage):
         earlier = values if in_order else values[:3 * int(values[2::3].searchsorted(ts, side="left"))]
         earlier_bucket, earlier_play = earlier[0::3], earlier[1::3]
         plays = []   # bucket, play_time_s, ts of each of this request's feedback
+        raw_context = msgspec.Raw(context)
         for item, bucket in zip(items, buckets):
-            fb = feedback.get(str(item["item_id"]))
+            name = str(item.item_id)
+            fb = feedback.get(name)
             q = None
             if fb is not None:
-                q = engagement_q(earlier_play[earlier_bucket == bucket], fb["play_time_s"])
-                plays += (bucket, fb["play_time_s"], ts)
-            sample = {
-                "request_id": rid, "user_id": joined["user_id"], "item_id": item["item_id"], "ts": ts,
-                "model_version": joined["model_version"], "source": joined["source"],
-                "semantic_id": item.get("semantic_id"), "duration_s": item["duration_s"],
-                "logprob": item.get("logprob"), "feedback": fb, "q": q, "duration_bucket": bucket,
-            }
-            self.batch.outputs.append(Output("samples", key, _with_member(orjson.dumps(sample), b"context", context)))
+                play_time = play_times[name]
+                q = engagement_q(earlier_play[earlier_bucket == bucket], play_time)
+                plays += (bucket, play_time, ts)
+            sample = Sample(rid, head.user_id, item.item_id, ts, head.model_version, head.source, item.semantic_id,
+                            item.duration_s, item.logprob, fb, q, bucket, raw_context)
+            self.batch.outputs.append(Output("samples", key, encode_sample(sample)))
             self.stats.samples += 1
         if plays:   # after the rows of every request with ts <= this one (as a stable sort by ts would)
             new_rows = struct.pack(f"<{len(plays)}d", *plays)

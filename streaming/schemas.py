@@ -23,6 +23,7 @@ SOURCES = ("onerec", "legacy")
 FLAG_BITS = {"like": 1, "follow": 2, "comment": 4, "forward": 8, "collect": 16, "dislike": 32, "long_view": 64}
 OPTIONAL_ACTIONS = ("like", "follow", "comment", "forward", "collect")
 MAX_FLAGS = 127
+MAX_INT = 2**63 - 1   # every integer of an event is an int64 (Java's long; what Kafka's JVM clients and Parquet hold)
 _MAX_FLOAT = sys.float_info.max
 
 
@@ -108,6 +109,8 @@ def _int(value: Any, name: str, *, minimum: int | None = None) -> int:
         raise SchemaError(f"{name} must be an integer, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise SchemaError(f"{name} must be >= {minimum}, got {value}")
+    if not -MAX_INT - 1 <= value <= MAX_INT:
+        raise SchemaError(f"{name} must fit in 64 bits (int64), got {value}")
     return value
 
 
@@ -182,10 +185,10 @@ _NUMBER_TYPES = {int, float}
 
 
 def _ints_ok(seq: list, maximum: int | None = None) -> bool:
-    """Non-empty `seq` holds only ints (not bools) >= 0 (and <= maximum): whole-list C-level checks."""
+    """Non-empty `seq` holds only ints (not bools) in 0..maximum (MAX_INT): whole-list C-level checks."""
     if set(map(type, seq)) != _INT_ONLY or min(seq) < 0:
         return False
-    return maximum is None or max(seq) <= maximum
+    return max(seq) <= (MAX_INT if maximum is None else maximum)
 
 
 def _numbers_ok(seq: list) -> bool:
@@ -210,12 +213,12 @@ def _json_has_no_bools(raw: bytes) -> bool:
 
 
 def _json_ints_ok(seq: list) -> bool:
-    """Ints >= 0 (an int >= 2**64, valid but absurd, goes to the slow path)."""
+    """Ints in 0..MAX_INT."""
     try:
-        array("Q", seq)   # TypeError for a float, str, list, dict, None; OverflowError below 0
+        array("q", seq)   # TypeError for a float, str, list, dict, None; OverflowError outside int64
     except (TypeError, OverflowError):
         return False
-    return True
+    return min(seq) >= 0
 
 
 def _json_flags_ok(seq: list) -> bool:
@@ -304,8 +307,8 @@ def _semantic_id(value: Any, name: str, *, nullable: bool) -> list[int] | None:
 
 
 def _count_ok(value: Any) -> bool:
-    """An int (not a bool) >= 0."""
-    return type(value) is int and value >= 0
+    """An int (not a bool) in 0..MAX_INT."""
+    return type(value) is int and 0 <= value <= MAX_INT
 
 
 def _time_ok(value: Any) -> bool:
