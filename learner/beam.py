@@ -29,8 +29,9 @@ class Recommendations:
 
 
 def decode_step(model, kv, past, token_rows: torch.Tensor, level: int):
-    """One level: new tokens (B*W, 1) -> log-probabilities of the next semantic id (B*W, K) and the cache."""
-    hidden, cache = model.decode(kv, token_rows, past)
+    """One level: new tokens (B*W, 1) -> log-probabilities of the next semantic id (B*W, K) and the cache
+    (None after the last level, which feeds no later token: the CUDA decode path then skips building it)."""
+    hidden, cache = model.decode(kv, token_rows, past, keep_cache=level < 2)
     return model.level_logits(hidden[:, -1], level).log_softmax(-1), cache
 
 

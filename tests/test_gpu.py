@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from learner.beam import beam_search
 from learner.config import ModelConfig
 from learner.features import build_context_batch
-from learner.model import LazyDecoder
+from learner import model as model_module
+from learner.model import LazyDecoder, causal_self_attention, decode_self_attention
 from learner.quant import (FP8, FP8_MAX, Fp8Rule, QuantizedLinear, quantize_model, quantize_rows_fused,
                            quantize_rows_reference)
 from learner.synthetic import random_catalogue, random_context
@@ -227,6 +228,121 @@ def test_decoder_and_beam_search_on_cuda_match_cpu(catalogue, cfg):
     with torch.no_grad():
         exact = cpu.item_logprob(ctx.index_select(rows), got_codes.reshape(-1, 3)).view(5, 6)
     torch.testing.assert_close(got.logprobs.cpu(), exact, rtol=0, atol=BF16_ATOL)
+
+
+# ------------------------------------------------------------------------------------------ decode attention
+def decode_inputs(b, h, n_past, dh, dtype, seed=0):
+    """q, k_new, v_new as the block makes them (strided views of one qkv projection) and a past cache
+    that is a non-contiguous slice, like the beam's; values of a few units, as in a real model."""
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    qkv = (2 * torch.randn(b, 1, 3, h, dh, device=CUDA, generator=g)).to(dtype)
+    q, k_new, v_new = qkv.permute(2, 0, 3, 1, 4)                              # (B, H, 1, dh) each
+    past = (2 * torch.randn(2, b, h, n_past + 1, dh, device=CUDA, generator=g)).to(dtype)[:, :, :, 1:]
+    return q, past[0], past[1], k_new, v_new
+
+
+@pytest.fixture
+def kernel_at_any_size(monkeypatch):
+    """The decode kernel for small calls too (by default SDPA keeps calls of < DECODE_KERNEL_MIN_ROWS rows)."""
+    monkeypatch.setattr(model_module, "DECODE_KERNEL_MIN_ROWS", 1)
+
+
+def sdpa_self_attention(q, k, v, monkeypatch):
+    """What causal_self_attention computed before the decode kernel: torch's SDPA."""
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "DECODE_KERNEL_MAX_KEYS", 0)
+        return causal_self_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b, h, n_past, dh", [(1, 1, 0, 64), (7, 4, 1, 64), (4096, 10, 2, 64), (33, 3, 3, 48),
+                                              (5, 2, 7, 16)])
+def test_decode_self_attention_matches_reference_and_sdpa(b, h, n_past, dh, dtype, kernel_at_any_size, monkeypatch):
+    q, k_past, v_past, k_new, v_new = decode_inputs(b, h, n_past, dh, dtype)
+    k, v = torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2)      # (B, H, n_past + 1, dh)
+    with torch.no_grad():
+        got = decode_self_attention(q, k_past, v_past, k_new, v_new)
+        via_entry = causal_self_attention(q, k, v)                           # dispatches to the kernel
+        want = causal_self_attention(q.float(), k.float(), v.float(), impl="reference")
+        sdpa = sdpa_self_attention(q, k, v, monkeypatch)
+    assert got.dtype == dtype and got.shape == (b, h, 1, dh) and torch.equal(via_entry, got)
+    # float32 scores and sums, p rounded to the input dtype (as SDPA does): values |v| < ~8 here, so
+    # a few units of that rounding in absolute terms
+    tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (4e-2, 1.6e-2), torch.float16: (1e-2, 2e-3)}[dtype]
+    torch.testing.assert_close(got.float(), want, atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(got.float(), sdpa.float(), atol=tol[0], rtol=tol[1])
+
+
+def test_decode_kernel_leaves_autograd_and_long_keys_to_sdpa(kernel_at_any_size):
+    q, k_past, v_past, k_new, v_new = decode_inputs(6, 2, 2, 32, torch.float32)
+    k, v = torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2)
+    q = q.detach().clone().requires_grad_()
+    out = causal_self_attention(q, k, v)                                     # the kernel has no backward
+    out.sum().backward()
+    assert out.grad_fn is not None and q.grad is not None and torch.isfinite(q.grad).all()
+    long_k = torch.randn(6, 2, model_module.DECODE_KERNEL_MAX_KEYS + 1, 32, device=CUDA)
+    with torch.no_grad():
+        torch.testing.assert_close(causal_self_attention(q, long_k, long_k),
+                                   causal_self_attention(q, long_k, long_k, impl="reference"), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernel_runs_for_large_calls_only(monkeypatch):
+    """By default the kernel serves calls of >= DECODE_KERNEL_MIN_ROWS (beam x head) rows, SDPA the rest."""
+    calls = []
+    real = model_module.decode_self_attention
+    monkeypatch.setattr(model_module, "decode_self_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    rows = model_module.DECODE_KERNEL_MIN_ROWS
+    with torch.no_grad():
+        for b in (rows // 4 - 1, rows // 4):
+            q, k_past, v_past, k_new, v_new = decode_inputs(b, 4, 2, 64, torch.bfloat16)
+            causal_self_attention(q, torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2))
+    assert calls == [(rows // 4, 4, 1, 64)]
+
+
+def test_incremental_decode_with_the_kernel_matches_sdpa_and_teacher_forcing(catalogue, kernel_at_any_size,
+                                                                              monkeypatch):
+    """A bf16 LazyDecoder fed [BOS, s1, s2] one token at a time: the kernel path (no concatenation at
+    the last step, keep_cache=False) gives the hidden states of the SDPA path and of one T=3 pass."""
+    torch.manual_seed(0)
+    model = LazyDecoder(CFG).eval().to(CUDA)
+    ctx, targets = batch(CFG, catalogue, b=5)
+    ctx, rows = ctx.to(CUDA), model.teacher_rows(targets.to(CUDA))            # (5, 3)
+
+    def incremental():
+        hidden, past = [], None
+        for t in range(3):
+            h, past = model.decode(kv, rows[:, t:t + 1], past, keep_cache=t < 2)
+            hidden.append(h)
+        assert past is None                                                  # keep_cache=False at the end
+        return torch.cat(hidden, 1)                                          # (5, 3, d)
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        kv = model.context_kv(ctx)
+        full, _ = model.decode(kv, rows)
+        fused = incremental()
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "DECODE_KERNEL_MAX_KEYS", 0)
+            sdpa = incremental()
+    assert rel_error(fused, sdpa) < 1e-2 and rel_error(fused, full) < 1e-2
+
+
+def test_beam_search_with_the_decode_kernel_serves_its_own_logprobs(catalogue, kernel_at_any_size):
+    """test_decoder_and_beam_search_on_cuda_match_cpu's checks with the kernel in every decode step:
+    the logprobs served are log pi(item) by teacher forcing (SDPA) under the same autocast, and the
+    ranking is the float32 CPU search's."""
+    torch.manual_seed(0)
+    cpu = peaked(LazyDecoder(CFG).eval())
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    ctx, _ = batch(CFG, catalogue, b=5)
+    trie = catalogue[2].trie()
+    got = beam_search(gpu, ctx, trie, beam_width=128, top_k=6)
+    codes = got.semantic_ids.cpu()
+    rows = torch.arange(5).repeat_interleave(6)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        own = gpu.item_logprob(ctx.index_select(rows).to(CUDA), codes.reshape(-1, 3).to(CUDA)).view(5, 6)
+    torch.testing.assert_close(got.logprobs, own.float(), rtol=0, atol=0.05)
+    want = beam_search(cpu, ctx, trie, beam_width=128, top_k=6)
+    assert_same_ranking(got.item_ids.tolist(), got.logprobs.tolist(), want.item_ids.tolist(), want.logprobs.tolist())
 
 
 # ------------------------------------------------------------------------------------------ learner
