@@ -54,13 +54,17 @@ class _Item(msgspec.Struct):
     logprob: LogProb | None = None
 
 
-class _Impression(msgspec.Struct, forbid_unknown_fields=True):   # other members: the slow path keeps them
+class _Request(msgspec.Struct):
+    """The fields of an impression but its context (an impression's head)."""
     request_id: Annotated[str, msgspec.Meta(min_length=1)]
     user_id: Count
     ts: Time
     model_version: Count
     source: Literal["onerec", "legacy"]
     items: Annotated[list[_Item], msgspec.Meta(min_length=1)]
+
+
+class _Impression(_Request, forbid_unknown_fields=True):   # other members: the slow path keeps them
     context: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET   # required: checked after decoding
 
 
@@ -78,15 +82,9 @@ class _Feedback(msgspec.Struct):
     collect: bool = False
 
 
-class JoinedHead(msgspec.Struct):
+class JoinedHead(_Request):
     """Line 1 of a `joined` record, as stage 2 reads it: the impression without its context, and the
     feedback per shown item (item id as a string -> the feedback event's bytes, which samples carry)."""
-    request_id: Annotated[str, msgspec.Meta(min_length=1)]
-    user_id: Count
-    ts: Time
-    model_version: Count
-    source: Literal["onerec", "legacy"]
-    items: Annotated[list[_Item], msgspec.Meta(min_length=1)]
     feedback: dict[str, msgspec.Raw]
 
 
@@ -125,7 +123,7 @@ class ImpressionParts(NamedTuple):
     context: bytes    # its context: a JSON object on one line
 
 
-def _items_ok(imp: _Impression) -> bool:
+def _items_ok(imp: _Request) -> bool:
     """What the types cannot say: no item shown twice; `onerec` items carry a semantic id and a logprob,
     `legacy` items no logprob."""
     if len({item.item_id for item in imp.items}) != len(imp.items):
