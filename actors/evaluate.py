@@ -195,8 +195,11 @@ def _timed_training(step_fn, *, time_budget_s: float, desc: str, max_steps: int 
 
     With `validate` (() -> score on the validation targets), the model is scored `n_checks` times
     along the way and at the end, and left with the best-scoring weights (model selection on the
-    validation item, never on the test item; the checks count against the time budget).
+    validation item, never on the test item; the checks count against the time budget). A `model`
+    trains in train mode and is left in eval mode.
     """
+    if model is not None:
+        model.train()
     start = time.monotonic()
     steps = 0
     best_score, best_state = -1.0, None
@@ -229,6 +232,8 @@ def _timed_training(step_fn, *, time_budget_s: float, desc: str, max_steps: int 
     if validate is not None:
         check()
         model.load_state_dict(best_state)
+    if model is not None:
+        model.eval()
     return steps
 
 
@@ -267,10 +272,8 @@ def train_lazy_decoder(split: LeaveOneOut, tokenizer: SemanticTokenizer, cfg: Mo
                                 beam_width=beam_width, top_k=max(KS))
         return metrics.recall_at_k(ranked, split.valid_target[val_users], max(KS))
 
-    model.train()
     steps = _timed_training(step, time_budget_s=time_budget_s, desc="lazy decoder", max_steps=max_steps,
                             model=model, validate=validate)
-    model.eval()
     return model, steps
 
 
@@ -379,10 +382,8 @@ def train_sasrec(split: LeaveOneOut, item_index: dict[int, int], *, time_budget_
         ranked = recommend_sasrec(model, index_items, item_index, [split.train[u] for u in val_users], top_k=max(KS))
         return metrics.recall_at_k(ranked, split.valid_target[val_users], max(KS))
 
-    model.train()
     steps = _timed_training(step, time_budget_s=time_budget_s, desc="sasrec", max_steps=max_steps,
                             model=model, validate=validate)
-    model.eval()
     return model, steps
 
 
