@@ -44,7 +44,7 @@ from actors.learner import CheckpointStore, LearnerActor
 from actors.metrics import LoopMetrics
 from actors.replica import ReplicaActor
 from learner.config import ModelConfig
-from onerec import kuairand
+from simulator import kuairand
 from serving_bridge.app import ServingBridge, bound_port, make_app, start_site
 from simulator.users import UserSimulator, flags_of_response
 from streaming import schemas

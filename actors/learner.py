@@ -43,7 +43,7 @@ from learner.features import build_context_batch
 from learner.losses import ecpo_loss, gbpo_loss
 from learner.model import LazyDecoder
 from learner.tokenizer import SemanticTokenizer, tokenizer_bytes
-from onerec import kuairand
+from simulator import kuairand
 from streaming import schemas
 from streaming.reward import advantages
 from streaming.topics import topic_name

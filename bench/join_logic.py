@@ -3,7 +3,7 @@
     python bench/join_logic.py                  # the whole week (~225k input events)
     python bench/join_logic.py --limit 20000    # a quick run (first N log rows)
 
-No broker: the week's events (built by `streaming.replay.build_events`, encoded as on the topics, cached
+No broker: the week's events (built by `simulator.replay.build_events`, encoded as on the topics, cached
 in a temp file) go through `RequestJoiner` -> joined records -> `UserScorer` with dict stores, the way the
 worker drives them: every `--batch` input events stage 1 runs `close_due()` and `drain()`, its joined
 records go to stage 2 (partitioned by user id like Kafka's default partitioner) followed by watermark
@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson  # noqa: E402
 from aiokafka.partitioner import murmur2  # noqa: E402
 
-from onerec import kuairand  # noqa: E402
+from simulator import kuairand  # noqa: E402
 from streaming import schemas  # noqa: E402
 from streaming.config import StreamConfig  # noqa: E402
 from streaming.join import WATERMARK_KEY, RequestJoiner, UserScorer, watermark_heartbeat  # noqa: E402
-from streaming.replay import build_events  # noqa: E402
+from simulator.replay import build_events  # noqa: E402
 
 KINDS = ("impressions", "feedback", "ticks")
 CACHE_VERSION = 1

@@ -41,7 +41,7 @@ import orjson  # noqa: E402
 from infra.broker import EmbeddedBroker, free_port  # noqa: E402
 from streaming.client import WorkerProcess  # noqa: E402
 from streaming.config import ENGINES, StreamConfig  # noqa: E402
-from streaming.replay import replay  # noqa: E402
+from simulator.replay import replay  # noqa: E402
 from streaming.topics import ensure_topics, topic_name  # noqa: E402
 
 WEEK_S = 7 * 24 * 3600.0

@@ -15,10 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("infra.broker", "start the embedded Kafka-compatible broker (Tansu) and wait"),
     "topics": ("streaming.topics", "create the namespaced, co-partitioned topics on a cluster"),
     "worker": ("streaming.worker", "run the join worker: impressions + feedback into samples (batched or Faust engine)"),
-    "replay": ("streaming.replay", "publish a KuaiRand log as impressions and feedback in time order"),
-    "pretrain": ("actors.pretrain", "train a model on the KuaiRand week for a bounded time and print recommendations"),
+    "replay": ("simulator.replay", "publish a KuaiRand log as impressions and feedback in time order"),
+    "pretrain": ("offline.pretrain", "train a model on the KuaiRand week for a bounded time and print recommendations"),
     "serve": ("serving_bridge.server", "run the HTTP bridge in front of serving replicas"),
-    "eval": ("actors.evaluate", "offline evaluation: `eval sequences FILE` or `eval replay LOG`"),
+    "eval": ("offline.evaluate", "offline evaluation: `eval sequences FILE` or `eval replay LOG`"),
     "simulator": ("simulator.fit", "fit the KuaiRand user simulator and check it against the log"),
     "drift": ("actors.drift", "print the drift table per weight version and write its plot"),
 }

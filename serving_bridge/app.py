@@ -33,7 +33,7 @@ import ray
 from aiohttp import web
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from onerec import kuairand
+from simulator import kuairand
 from streaming import schemas
 from streaming.topics import topic_name
 

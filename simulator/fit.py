@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onerec import kuairand
+from simulator import kuairand
 from simulator.config import SimulatorConfig
 from simulator.users import FLAG_NAMES, SimulatorParams, UserSimulator, default_params_path
 

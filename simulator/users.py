@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from onerec import kuairand
+from simulator import kuairand
 from simulator.config import SimulatorConfig
 
 FLAG_NAMES = ("like", "follow", "comment", "forward", "dislike")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from onerec import kuairand
+from simulator import kuairand
 from onerec.config import Config
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from actors import evaluate
+from offline import evaluate
 from onerec import cli
 
 
@@ -88,7 +88,7 @@ def _write_log(path, rows):
 def test_eval_replay_scores_before_training_and_learns_the_hot_items(tmp_path, capsys):
     """Every request's positive is one of three hot videos: most-popular-so-far only knows them after
     the first block (prequential), and the model learns them from the positives it trains on."""
-    from onerec import kuairand
+    from simulator import kuairand
 
     catalogue = kuairand.read_video_features()["video_id"]
     hot = [int(v) for v in catalogue[-3:]]  # not where a zero-count ranking starts

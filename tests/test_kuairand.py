@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from onerec import kuairand
+from simulator import kuairand
 
 
 def test_log_is_sorted_and_complete():

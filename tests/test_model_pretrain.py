@@ -5,8 +5,8 @@ import collections
 import numpy as np
 import torch
 
-from actors import pretrain
-from onerec import kuairand
+from offline import pretrain
+from simulator import kuairand
 from onerec.config import Config
 from tests.model_fixtures import one_thread  # noqa: F401  (autouse)
 

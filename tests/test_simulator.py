@@ -3,7 +3,7 @@ its response to relevance."""
 import numpy as np
 import pytest
 
-from onerec import kuairand
+from simulator import kuairand
 from simulator.config import SimulatorConfig
 from simulator.fit import check_against_log, fit_params, tolerance_failures
 from simulator.users import UserSimulator, flags_of_response

@@ -6,10 +6,10 @@ item yields one sample, and every feedback is either in its sample or a dead let
 import orjson
 import pytest
 
-from onerec import kuairand
+from simulator import kuairand
 from streaming import schemas
 from streaming.client import WorkerProcess, read_events
-from streaming.replay import build_events, replay
+from simulator.replay import build_events, replay
 from streaming.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

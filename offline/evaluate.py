@@ -463,7 +463,7 @@ def eval_replay(log, model_cfg: ModelConfig, *, k: int, beam_width: int, train_e
       from the week being replayed).
     Returns {"final": {"model": {...}, "popular": {...}}, "curve": [...], "info": {...}}.
     """
-    from onerec import kuairand
+    from simulator import kuairand
     from streaming.reward import duration_bucket, engagement_score
 
     if (model_cfg.profile_fields, model_cfg.profile_vocab) != (kuairand.PROFILE_FIELDS, kuairand.PROFILE_VOCAB):
@@ -609,7 +609,7 @@ def synthetic_sequences(n_users: int, n_items: int, *, length: tuple[int, int] =
 def kuairand_sequences(*, min_len: int = 5, long_view_only: bool = False) -> dict[int, list[int]]:
     """Per user, the KuaiRand week's watched videos in time order (optionally only long views),
     consecutive repeats removed; users with fewer than `min_len` items dropped."""
-    from onerec import kuairand
+    from simulator import kuairand
 
     log = kuairand.read_log()
     keep = log.long_view == 1 if long_view_only else np.ones(len(log), dtype=bool)
@@ -685,7 +685,7 @@ def main(args: argparse.Namespace, cfg) -> int:
 
 
 def _main_replay(args: argparse.Namespace, cfg) -> int:
-    from onerec import kuairand
+    from simulator import kuairand
 
     log = kuairand.read_log(args.log, limit=args.limit)
     result = eval_replay(log, cfg.model, k=args.k, beam_width=max(args.beam_width, args.k),

@@ -35,7 +35,7 @@ from learner.beam import beam_search
 from learner.features import build_context_batch
 from learner.model import LazyDecoder
 from learner.tokenizer import SemanticTokenizer
-from onerec import kuairand
+from simulator import kuairand
 
 
 def add_arguments(parser) -> None:

@@ -1,7 +1,7 @@
 """`onerec replay PATH`: publish a KuaiRand log as impressions and feedback, in time order.
 
 Invariant: events leave in event-time order and every feedback after its own impression: rows are
-grouped into requests (`onerec.kuairand.group_requests`: one user's rows within `gap_s`; a
+grouped into requests (`simulator.kuairand.group_requests`: one user's rows within `gap_s`; a
 repeated video starts a new request, as a request shows an item once), each
 request is one `legacy` impression at its first row's time (logprob null; semantic ids from a
 tokenizer if given, else null), and each row is one feedback at the row's time (+1 ms, so it sorts
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from onerec import kuairand
+from simulator import kuairand
 from streaming import schemas
 from streaming.client import EventPublisher
 from streaming.config import StreamConfig
