@@ -33,6 +33,7 @@ import ray
 from aiohttp import web
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from learner.flags import flags_of
 from simulator import kuairand
 from streaming import schemas
 from streaming.topics import topic_name
@@ -112,9 +113,7 @@ class UserViews:
 
     def observe_feedback(self, event: dict) -> None:
         duration = self.duration_of(event["request_id"], event["item_id"])
-        flags = schemas.feedback_flags(event)
-        if event["play_time_s"] >= min(18.0, 0.9 * duration) and duration > 0:
-            flags |= schemas.FLAG_BITS["long_view"]
+        flags = flags_of(event, duration)
         self.history.record(event["user_id"], event["item_id"], duration, event["play_time_s"], flags)
 
     def context(self, user_id: int) -> dict:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from learner.flags import FLAG_BITS
+
 LOG_FILE = "log_standard_2022-04-25_to_05-01.csv.gz"
 USER_FEATURES_FILE = "user_features_pure.csv.gz"
 VIDEO_FEATURES_FILE = "video_features_basic_pure.csv.gz"
@@ -178,7 +180,8 @@ def profile_features(user_id: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- flags and durations
-FLAG_LIKE, FLAG_FOLLOW, FLAG_COMMENT, FLAG_FORWARD, FLAG_COLLECT, FLAG_DISLIKE, FLAG_LONG_VIEW = 1, 2, 4, 8, 16, 32, 64
+FLAG_LIKE, FLAG_FOLLOW, FLAG_COMMENT, FLAG_FORWARD, FLAG_COLLECT, FLAG_DISLIKE, FLAG_LONG_VIEW = (
+    FLAG_BITS[n] for n in ("like", "follow", "comment", "forward", "collect", "dislike", "long_view"))
 
 
 def flags_of(log: ImpressionLog, i: int) -> int:

@@ -29,13 +29,12 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from simulator import kuairand
+from learner.flags import FLAG_BITS, LONG_VIEW_S, flags_of, is_long_view  # noqa: F401
 from simulator.config import SimulatorConfig
 
 FLAG_NAMES = ("like", "follow", "comment", "forward", "dislike")
 # interface flag bits (docs/interfaces.md): 1 like, 2 follow, 4 comment, 8 forward, 16 collect, 32 dislike, 64 long view
-FLAG_BITS = {"like": 1, "follow": 2, "comment": 4, "forward": 8, "collect": 16, "dislike": 32, "long_view": 64}
 LICENCE = "derived from KuaiRand (Gao et al., CIKM 2022), CC BY-SA 4.0"
-LONG_VIEW_S = 18.0  # KuaiRand's long_view: play >= 18 s, or (nearly) the whole of a shorter video
 
 _DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "data" / "simulator" / "kuairand_simulator.safetensors"
 _PHI_GRID = np.linspace(-8.0, 8.0, 4001)
@@ -51,16 +50,9 @@ def normal_cdf(x: np.ndarray | float) -> np.ndarray:
     return np.interp(x, _PHI_GRID, _PHI_TABLE)
 
 
-def is_long_view(duration_s: np.ndarray | float, play_time_s: np.ndarray | float) -> np.ndarray:
-    return np.asarray(play_time_s) >= np.minimum(LONG_VIEW_S, 0.9 * np.asarray(duration_s))
-
-
 def flags_of_response(response: dict, duration_s: float) -> int:
     """The interface bitmask of one response (what `observe` and a user context store)."""
-    flags = sum(bit for name, bit in FLAG_BITS.items() if name != "long_view" and response.get(name))
-    if is_long_view(duration_s, response["play_time_s"]):
-        flags |= FLAG_BITS["long_view"]
-    return int(flags)
+    return flags_of(response, duration_s)
 
 
 @dataclass

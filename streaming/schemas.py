@@ -20,7 +20,7 @@ from typing import Any, Literal, TypedDict
 import orjson
 
 SOURCES = ("onerec", "legacy")
-FLAG_BITS = {"like": 1, "follow": 2, "comment": 4, "forward": 8, "collect": 16, "dislike": 32, "long_view": 64}
+from learner.flags import FLAG_BITS, action_flags  # noqa: E402,F401 - the one table (re-exported)
 OPTIONAL_ACTIONS = ("like", "follow", "comment", "forward", "collect")
 MAX_FLAGS = 127
 MAX_INT = 2**63 - 1   # every integer of an event is an int64 (Java's long; what Kafka's JVM clients and Parquet hold)
@@ -506,8 +506,4 @@ def sample_id(sample: Sample) -> tuple[str, int]:
 
 def feedback_flags(feedback: Feedback) -> int:
     """Bitmask of interfaces.md (1 like ... 32 dislike) for a feedback event; 64 long view is not in it."""
-    flags = FLAG_BITS["dislike"] if feedback.get("dislike") else 0
-    for name in OPTIONAL_ACTIONS:
-        if feedback.get(name):
-            flags |= FLAG_BITS[name]
-    return flags
+    return action_flags(feedback)
