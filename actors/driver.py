@@ -31,24 +31,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import orjson
 import ray
 from ray.exceptions import RayActorError
 
-from actors.learner import CheckpointStore, LearnerActor
+from actors.learner import LearnerActor
 from actors.metrics import LoopMetrics
 from actors.replica import ReplicaActor
+from learner.checkpoint import CheckpointStore
 from learner.config import ModelConfig
-from simulator import kuairand
-from serving_bridge.app import ServingBridge, bound_port, make_app, start_site
-from simulator.users import UserSimulator, flags_of_response
-from streaming import schemas
-from streaming.topics import ensure_topics, topic_name
+from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, start_site
+from simulator import embedded
+from simulator.traffic import SimulatedTraffic
+from streaming.topics import ensure_topics
 
 log = logging.getLogger("onerec.run")
 
@@ -76,7 +72,7 @@ def main(args: argparse.Namespace, cfg) -> int:
 # ---------------------------------------------------------------------------------------------
 def resolve_model_config(cfg, say=print) -> ModelConfig:
     """The model shape to run: the loop's own checkpoint's, else the pretraining checkpoint's, else
-    cfg.model with KuaiRand's profile fields (the contexts the simulator and bridge build carry 26)."""
+    cfg.model with the profile shape of the embedded world's contexts."""
     for url in (cfg.loop.checkpoint_dir, cfg.loop.init_from):
         if not url:
             continue
@@ -84,11 +80,10 @@ def resolve_model_config(cfg, say=print) -> ModelConfig:
         if latest is not None and "model_config" in latest[0]:
             fields = {f.name for f in dataclasses.fields(ModelConfig)}
             return ModelConfig(**{k: v for k, v in latest[0]["model_config"].items() if k in fields})
-    model = cfg.model
-    if (model.profile_fields, model.profile_vocab) != (kuairand.PROFILE_FIELDS, kuairand.PROFILE_VOCAB):
-        say(f"onerec run: model.profile_fields/profile_vocab set to {kuairand.PROFILE_FIELDS}/"
-              f"{kuairand.PROFILE_VOCAB} (KuaiRand's user profile)")
-        model = model.replace(profile_fields=kuairand.PROFILE_FIELDS, profile_vocab=kuairand.PROFILE_VOCAB)
+    model = embedded.model_config(cfg.model)
+    if model != cfg.model:
+        say(f"onerec run: model.profile_fields/profile_vocab set to {model.profile_fields}/{model.profile_vocab} "
+            f"(the embedded world's user profile)")
     return model
 
 
@@ -105,121 +100,6 @@ def _port_open(bootstrap: str) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
         return True
     return False
-
-
-# ---------------------------------------------------------------------------------------------
-class SimulatedTraffic:
-    """Simulated users: ask the bridge over HTTP, watch what they get, send feedback to Kafka."""
-
-    def __init__(self, cfg, url: str, *, token: str | None = None, seed: int = 0):
-        self.cfg = cfg
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.sim = UserSimulator.default(seed=seed)
-        rng = np.random.default_rng(seed)
-        # users with a pre-week KuaiRand history, so the bridge's own view of them is never empty
-        history = kuairand.read_user_history()
-        known = np.array([u for u in self.sim.user_ids.tolist() if history.get(u, {}).get("watch_seq")],
-                         dtype=np.int64)
-        pool = known if len(known) else self.sim.user_ids
-        self.users = rng.choice(pool, size=min(cfg.loop.sim_users, len(pool)), replace=False)
-        self.rng = rng
-        # the "legacy pipeline" that serves the other share of traffic: popularity-weighted draws
-        # from the KuaiRand week, as another recommender of the platform would
-        counts = np.bincount(kuairand.read_log().video_id, minlength=int(self.sim.item_ids.max()) + 1)
-        weights = counts[self.sim.item_ids].astype(np.float64) + 1.0
-        self.legacy_p = weights / weights.sum()
-        self.impressions_topic = topic_name(cfg.stream, "impressions")
-        self.feedback_topic = topic_name(cfg.stream, "feedback")
-        self.stats = Counter()                            # requests, and failures by kind
-        self.legacy_requests = 0
-        self.by_version: dict[int, Counter] = {}
-        self.last_feedback_at: dict[str, float] = {}     # request_id -> when its feedback was sent
-        self.producer = None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        import aiohttp
-        from aiokafka import AIOKafkaProducer
-
-        opts = self.cfg.stream.client_options()
-        self.producer = AIOKafkaProducer(bootstrap_servers=opts.pop("bootstrap_servers"), linger_ms=5, **opts)
-        await self.producer.start()
-        try:
-            async with aiohttp.ClientSession(headers=self.headers) as session:
-                workers = [asyncio.create_task(self._user_loop(session, stop, i))
-                           for i in range(self.cfg.loop.sim_concurrency)]
-                await asyncio.gather(*workers)
-        finally:
-            await self.producer.stop()
-
-    async def _user_loop(self, session, stop: asyncio.Event, worker: int) -> None:
-        import aiohttp
-
-        interval = self.cfg.loop.sim_concurrency / self.cfg.loop.sim_users_per_s
-        next_at = time.monotonic() + worker * interval / self.cfg.loop.sim_concurrency
-        while not stop.is_set():
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
-                    return
-            next_at = max(next_at + interval, time.monotonic())
-            user = int(self.rng.choice(self.users))
-            if self.rng.random() < self.cfg.loop.sim_legacy_share:
-                await self.watch(user, await self.legacy_request(user))
-                continue
-            try:
-                async with session.post(f"{self.url}/recommend", json={"user_id": user},
-                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                    body = await resp.read()
-                    if resp.status != 200:
-                        self.stats[f"http_{resp.status}"] += 1
-                        log.warning("bridge answered %d: %s", resp.status, body[:200])
-                        continue
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self.stats["http_errors"] += 1
-                log.warning("bridge request failed: %r", exc)
-                continue
-            await self.watch(user, orjson.loads(body))
-
-    async def legacy_request(self, user: int) -> dict:
-        """Serve one request from the legacy pipeline and log it as a `legacy` impression.
-
-        Why: trained only on its own exposures, L_Gen narrows the policy onto a few items (coverage
-        0.001 after a minute, measured); in OneRec most SFT exposures come from the platform's other
-        pipelines (source "legacy", no logprob: GBPO then uses pi_old = sg(pi))."""
-        items = self.rng.choice(self.sim.item_ids, size=self.cfg.loop.top_k, replace=False, p=self.legacy_p)
-        request_id = uuid.uuid4().hex
-        impression = {"request_id": request_id, "user_id": user, "ts": time.time(), "model_version": 0,
-                      "source": "legacy", "context": self.sim.context(user),
-                      "items": [{"item_id": int(i), "semantic_id": None, "duration_s": self.sim.duration_of(int(i)),
-                                 "logprob": None} for i in items]}
-        await self.producer.send(self.impressions_topic, schemas.encode_impression(impression),
-                                 key=request_id.encode())
-        self.legacy_requests += 1
-        return {"request_id": request_id, "model_version": None, "items": impression["items"]}
-
-    async def watch(self, user: int, answer: dict) -> None:
-        """The user watches every shown item; one feedback event per item."""
-        legacy = answer["model_version"] is None
-        counts = self.by_version.setdefault(int(answer["model_version"]), Counter()) if not legacy else Counter()
-        counts["requests"] += 1
-        self.stats["requests"] += 1
-        for item in answer["items"]:
-            item_id = int(item["item_id"])
-            response = self.sim.respond(user, item_id)
-            duration = self.sim.duration_of(item_id)
-            event = {"request_id": answer["request_id"], "user_id": user, "item_id": item_id, "ts": time.time(),
-                     "play_time_s": float(response["play_time_s"]), "dislike": bool(response["dislike"]),
-                     **{k: bool(response[k]) for k in ("like", "follow", "comment", "forward", "collect")}}
-            await self.producer.send(self.feedback_topic, schemas.encode_feedback(event),
-                                     key=answer["request_id"].encode())
-            self.sim.observe(user, item_id, duration, event["play_time_s"], flags_of_response(response, duration))
-            counts["items"] += 1
-            counts["dislikes"] += event["dislike"]
-            counts["play_time_ms"] += int(1000 * event["play_time_s"])
-        self.last_feedback_at[answer["request_id"]] = time.time()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +127,7 @@ class Loop:
         self.url = ""
         self.traffic: SimulatedTraffic | None = None
         self.tokenizer_bytes = b""
+        self.catalogue = None
         self.metrics: LoopMetrics | None = None
         self.drift = None
         self._worker_overrides: list[str] = []
@@ -257,8 +138,8 @@ class Loop:
 
     # ---- start ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        cfg = self.cfg
-        cfg.model = resolve_model_config(cfg, self._say)
+        # The effective config is a copy built here once; the caller's object is never changed.
+        cfg = self.cfg = dataclasses.replace(self.cfg, model=resolve_model_config(self.cfg, self._say))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         overrides: list[str] = []
         if broker_is_embedded(cfg.stream.bootstrap_servers):
@@ -271,12 +152,13 @@ class Loop:
                 self._say(f"broker: embedded Tansu on {self.broker.bootstrap}")
             else:
                 self._say(f"broker: using the one listening on {cfg.stream.bootstrap_servers}")
-            cfg.stream.feedback_window_s = cfg.loop.embedded_feedback_window_s
-            cfg.stream.__post_init__()
+            cfg = self.cfg = dataclasses.replace(cfg, stream=dataclasses.replace(
+                cfg.stream, feedback_window_s=cfg.loop.embedded_feedback_window_s))
             overrides.append(f"stream.feedback_window_s={cfg.loop.embedded_feedback_window_s}")
         else:
             self._say(f"broker: external cluster {cfg.stream.bootstrap_servers}")
         ensure_topics(cfg.stream)
+        self.catalogue = embedded.item_catalogue()
         self._worker_overrides = overrides
         if cfg.loop.join_worker:
             self._start_worker(overrides)
@@ -301,7 +183,9 @@ class Loop:
             await self._start_drift_monitor()
         self.learner_run = self.learner.run.remote()
 
-        self.bridge = ServingBridge(cfg, self.replicas)
+        views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
+                          self.catalogue.duration_of)
+        self.bridge = ServingBridge(cfg, self.replicas, views=views)
         self.runner = await start_site(make_app(self.bridge), cfg.loop.bridge_host, cfg.loop.bridge_port)
         self.url = f"http://{cfg.loop.bridge_host}:{bound_port(self.runner)}"
         self._say(f"bridge: {self.url} (POST /recommend, GET /healthz, GET /version)")
@@ -326,7 +210,9 @@ class Loop:
         loop_cfg = self.cfg.loop
         self.learner = LearnerActor.options(num_cpus=loop_cfg.actor_num_cpus, num_gpus=loop_cfg.learner_num_gpus,
                                             name=f"{self.cfg.stream.namespace}-learner-{self.learner_restarts}").remote(
-                                                self.cfg, resume=resume, fresh_topics=fresh_topics)
+                                                model=self.cfg.model, train=self.cfg.train, loop=loop_cfg,
+                                                stream=self.cfg.stream, catalogue=self.catalogue,
+                                                resume=resume, fresh_topics=fresh_topics)
         status = await self.learner.status.remote()
         where = f"resumed from {status['resumed_from']}" if status["resumed_from"] else "fresh start"
         self._say(f"learner: {where}, step {status['step']}, version {status['version']}")
@@ -335,10 +221,7 @@ class Loop:
         """The drift monitor gets every version and trained sample from the learner (actors/drift.py)."""
         from actors.drift import DriftMonitorActor
 
-        history = kuairand.UserHistory(short_len=self.cfg.model.max_short, long_len=self.cfg.model.max_long)
-        users = [u for u in sorted(kuairand.read_user_history())
-                 if kuairand.read_user_history()[u].get("watch_seq")][:32]
-        probes = [history.context(u) for u in users]
+        probes = embedded.probe_contexts(self.cfg.model)
         self.drift = DriftMonitorActor.options(num_cpus=self.cfg.loop.actor_num_cpus).remote(
             self.cfg.model, self.tokenizer_bytes, probes, self.cfg.drift,
             rollback_target=self.learner)

@@ -15,6 +15,8 @@ round(N (6 d^2 + F) / (4 d^2 + F)) blocks.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -129,3 +131,32 @@ class NaiveDecoderOnly(SemanticIdModel):
             h = block(h, allowed, self.attn_impl)
         return self.all_level_logits(h[:, -3:])
 
+
+class SASRec(nn.Module):
+    """SASRec-style baseline (Kang & McAuley 2018): causal self-attention over item-id embeddings with
+    learned positions; the next item is scored by a dot product with the shared item embeddings."""
+
+    def __init__(self, n_items: int, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 2,
+                 max_len: int = 50, dropout: float = 0.2):
+        super().__init__()
+        self.max_len = max_len
+        self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)  # row 0 = padding
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=d_model * 2, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (B, L) item indices (0 = padding, left-padded) -> hidden states (B, L, d)."""
+        length = seq.shape[1]
+        pos = torch.arange(self.max_len - length, self.max_len, device=seq.device)  # the newest item sits last
+        h = self.drop(self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(pos))
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=seq.device), 1)
+        return self.norm(self.encoder(h, mask=causal))         # (B, L, d)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., N) scores of items 1..N (shared item embeddings)."""
+        return hidden @ self.item_emb.weight[1:].T

@@ -225,6 +225,8 @@ class TrainConfig:
     sft_weight: float = 1.0          # weight of L_Gen on streamed samples
     rl_weight: float = 1.0           # weight of the GBPO / ECPO term
     algorithm: str = "gbpo"          # gbpo | ecpo | sft
+    rl_on: str = "all"               # which exposures the RL term trains on: all | legacy (Table 6's
+                                     # "w/o OneRec samples") | onerec; L_Gen always sees every exposure
     ecpo_eps: float = 0.2            # ECPO clip (eq. 13)
     ecpo_delta: float = 0.1          # ECPO early-clip margin (eq. 14)
     device: str = "auto"             # auto | cpu | cuda
@@ -233,6 +235,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ("gbpo", "ecpo", "sft"):
             raise ValueError(f"algorithm: must be gbpo, ecpo or sft, got {self.algorithm!r}")
+        if self.rl_on not in ("all", "legacy", "onerec"):
+            raise ValueError(f"rl_on: must be all, legacy or onerec, got {self.rl_on!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -15,7 +15,7 @@ after the request its watched rows enter the user's history. Pairs pass through 
 before the time budget, a new pass starts with fresh histories.
 
 Output: a checkpoint folder `<out>/step-XXXXXXXX/` (model.safetensors, tokenizer.safetensors,
-manifest.json) in the `actors.learner.CheckpointStore` format, so `loop.init_from` can start from it.
+manifest.json) in the `learner.checkpoint.CheckpointStore` format, so `loop.init_from` can start from it.
 
     onerec pretrain --time-budget 60 --out runs/pretrain
 """
@@ -32,8 +32,10 @@ import torch
 from tqdm import tqdm
 
 from learner.beam import beam_search
+from learner.checkpoint import CheckpointStore
 from learner.features import build_context_batch
 from learner.model import LazyDecoder
+from learner.step import StepBatch, StepWeights, train_step
 from learner.tokenizer import SemanticTokenizer
 from simulator import kuairand
 
@@ -92,10 +94,7 @@ def shuffled_batches(make_pairs, batch_size: int, buffer_size: int, rng: random.
 
 
 def main(args, cfg) -> int:
-    model_cfg, train_cfg = cfg.model, cfg.train
-    if (model_cfg.profile_fields, model_cfg.profile_vocab) != (kuairand.PROFILE_FIELDS, kuairand.PROFILE_VOCAB):
-        raise ValueError(f"model.profile_fields / model.profile_vocab must be {kuairand.PROFILE_FIELDS} / "
-                         f"{kuairand.PROFILE_VOCAB} for KuaiRand, got {model_cfg.profile_fields} / {model_cfg.profile_vocab}")
+    model_cfg, train_cfg = kuairand.fit_profile(cfg.model), cfg.train   # contexts carry KuaiRand's profile
     if args.time_budget <= 0:
         raise ValueError(f"--time-budget must be > 0, got {args.time_budget}")
     torch.manual_seed(train_cfg.seed)
@@ -110,6 +109,7 @@ def main(args, cfg) -> int:
     print(f"tokenizer: {json.dumps(report.as_dict())}")
 
     model = LazyDecoder(model_cfg).to(device).train()
+    weights = StepWeights.from_train(train_cfg, algorithm="sft")   # L_Gen only (eq. 10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     stats: collections.Counter = collections.Counter(
         {"rows": 0, "pairs": 0, "requests": 0, "skipped_not_watched": 0, "skipped_item_not_in_catalogue": 0})
@@ -127,20 +127,12 @@ def main(args, cfg) -> int:
             batch = next(batches)
             ctx = build_context_batch([c for c, _, _ in batch], tokenizer, model_cfg).to(device)
             targets = torch.from_numpy(tokenizer.codes_for([item for _, item, _ in batch])).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model.loss(ctx, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
+            value = train_step(model, optimizer, StepBatch(ctx, targets), weights=weights).gen
             step += 1
-            value = float(loss.detach())
             ema_loss = value if ema_loss is None else 0.95 * ema_loss + 0.05 * value
             bar.set_postfix(loss=f"{ema_loss:.3f}", step=step, pairs=stats["pairs"])
             bar.update(min(elapsed, args.time_budget) - bar.n)
         bar.update(args.time_budget - bar.n)
-
-    from actors.learner import CheckpointStore   # the loop's checkpoint format (loop.init_from reads it)
 
     manifest = {"kind": "pretrain", "step": step, "version": 0, "loss_ema": ema_loss,
                 "time_budget_s": args.time_budget, "passes_started": passes["started"],

@@ -29,12 +29,10 @@ import uuid
 from collections import OrderedDict
 
 import orjson
-import ray
 from aiohttp import web
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from learner.flags import flags_of
-from simulator import kuairand
 from streaming import schemas
 from streaming.topics import topic_name
 
@@ -98,9 +96,11 @@ class ReplicaPool:
 class UserViews:
     """The server's own bounded view of each user, fed by the feedback topic and its own impressions."""
 
-    def __init__(self, *, short_len: int, long_len: int):
-        self.history = kuairand.UserHistory(short_len=short_len, long_len=long_len, warm_start=True)
-        self.durations = kuairand.video_durations_s()
+    def __init__(self, history, duration_of):
+        """`history`: a `learner.history.UserHistory` (or anything with `record` and `context`);
+        `duration_of(item_id) -> seconds`: the catalogue's durations (e.g. `ItemCatalogue.duration_of`)."""
+        self.history = history
+        self.catalogue_duration = duration_of
         self.served: OrderedDict[str, dict[int, float]] = OrderedDict()   # request_id -> {item: duration}
 
     def remember(self, request_id: str, items: dict[int, float]) -> None:
@@ -109,7 +109,8 @@ class UserViews:
             self.served.popitem(last=False)
 
     def duration_of(self, request_id: str, item_id: int) -> float:
-        return self.served.get(request_id, {}).get(item_id, self.durations.get(item_id, 0.0))
+        served = self.served.get(request_id, {}).get(item_id)
+        return served if served is not None else self.catalogue_duration(item_id)
 
     def observe_feedback(self, event: dict) -> None:
         duration = self.duration_of(event["request_id"], event["item_id"])
@@ -123,11 +124,11 @@ class UserViews:
 class ServingBridge:
     """State of one bridge process: replicas, user views, Kafka clients, counters."""
 
-    def __init__(self, cfg, replicas=(), *, group_suffix: str | None = None):
+    def __init__(self, cfg, replicas=(), *, views: UserViews, group_suffix: str | None = None):
         self.cfg = cfg
         self.loop_cfg = cfg.loop
         self.pool = ReplicaPool(replicas)
-        self.views = UserViews(short_len=cfg.model.max_short, long_len=cfg.model.max_long)
+        self.views = views
         self.impressions_topic = topic_name(cfg.stream, "impressions")
         self.feedback_topic = topic_name(cfg.stream, "feedback")
         self.group_id = f"{cfg.stream.namespace}-bridge-{group_suffix or uuid.uuid4().hex[:8]}"
@@ -203,7 +204,7 @@ class ServingBridge:
         version = int(served["model_version"])
         items = [{"item_id": int(i), "semantic_id": [int(s) for s in sid], "logprob": float(lp)}
                  for i, sid, lp in zip(served["item_ids"][0], served["semantic_ids"][0], served["logprobs"][0])]
-        durations = {it["item_id"]: self.views.durations.get(it["item_id"], 0.0) for it in items}
+        durations = {it["item_id"]: self.views.catalogue_duration(it["item_id"]) for it in items}
         impression = {"request_id": request_id, "user_id": user_id, "ts": time.time(), "model_version": version,
                       "source": "onerec", "context": context,
                       "items": [{**it, "duration_s": durations[it["item_id"]]} for it in items]}
@@ -309,11 +310,3 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
 
 def bound_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
-
-
-def actor_is_alive(handle) -> bool:
-    try:
-        ray.get(handle.version.remote(), timeout=2.0)
-        return True
-    except (RayActorError, GetTimeoutError):
-        return False

@@ -16,7 +16,7 @@ import sys
 
 import ray
 
-from serving_bridge.app import ServingBridge, bound_port, make_app, start_site
+from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, start_site
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,11 @@ async def serve(cfg, *, host: str, port: int, wait_s: float) -> int:
                   f"(start them with `onerec run`)", file=sys.stderr)
             return 1
         await asyncio.sleep(1.0)
-    bridge = ServingBridge(cfg, replicas)
+    from simulator import embedded   # the embedded world's catalogue and user views; a platform passes its own
+
+    views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
+                      embedded.item_catalogue().duration_of)
+    bridge = ServingBridge(cfg, replicas, views=views)
     runner = await start_site(make_app(bridge), host, port)
     print(f"bridge: http://{host}:{bound_port(runner)} in front of {len(replicas)} replicas", flush=True)
     stop = asyncio.Event()

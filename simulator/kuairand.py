@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from learner import history
+from learner.catalogue import ItemCatalogue
 from learner.flags import FLAG_BITS
 
 LOG_FILE = "log_standard_2022-04-25_to_05-01.csv.gz"
@@ -200,54 +202,46 @@ def video_durations_s() -> dict[int, float]:
 
 
 # --------------------------------------------------------------------------- user histories
-class UserHistory:
-    """Per-user recent behaviour, newest last; `context(user)` gives the interface's user-context dict.
+def warm_start_rows(user_id: int) -> list[tuple[int, float, float, int]]:
+    """A user's pre-week KuaiRand history as history rows. It has no play times: a long-watched item is
+    imputed as watched to the end, any other as a quarter of its duration."""
+    hist = read_user_history().get(int(user_id))
+    if hist is None:
+        return []
+    durations = video_durations_s()
+    long_watch, liked = set(hist["long_watch_seq"]), set(hist["like_seq"])
+    rows = []
+    for item in hist["watch_seq"]:
+        d = durations.get(int(item), 0.0)
+        lw = item in long_watch
+        flags = (FLAG_LONG_VIEW if lw else 0) | (FLAG_LIKE if item in liked else 0)
+        rows.append((int(item), d, d if lw else 0.25 * d, flags))
+    return rows
 
-    `short` holds the last `short_len` items, `long` the `long_len` items before those. With
-    `warm_start`, users begin with their pre-week KuaiRand history (which has no play times: a
-    long-watched item is imputed as watched to the end, any other as a quarter of its duration).
-    """
+
+class UserHistory(history.UserHistory):
+    """`learner.history.UserHistory` with KuaiRand's profile features and (with `warm_start`) the users'
+    pre-week histories: the embedded world's source of user views."""
 
     def __init__(self, short_len: int = 20, long_len: int = 256, warm_start: bool = True):
-        if short_len < 1 or long_len < 0:
-            raise ValueError(f"short_len must be >= 1 and long_len >= 0, got {short_len}, {long_len}")
-        self.short_len, self.long_len = short_len, long_len
-        self._rows: dict[int, list[tuple[int, float, float, int]]] = {}
-        self._warm = warm_start
+        super().__init__(short_len=short_len, long_len=long_len, profile_fields=PROFILE_FIELDS,
+                         profile_of=profile_features, warm_start=warm_start_rows if warm_start else None)
 
-    def _user(self, user_id: int) -> list[tuple[int, float, float, int]]:
-        rows = self._rows.get(user_id)
-        if rows is None:
-            rows = []
-            if self._warm:
-                hist = read_user_history().get(user_id)
-                if hist is not None:
-                    durations = video_durations_s()
-                    long_watch, liked = set(hist["long_watch_seq"]), set(hist["like_seq"])
-                    for item in hist["watch_seq"][-(self.short_len + self.long_len):]:
-                        d = durations.get(int(item), 0.0)
-                        lw = item in long_watch
-                        flags = (FLAG_LONG_VIEW if lw else 0) | (FLAG_LIKE if item in liked else 0)
-                        rows.append((int(item), d, d if lw else 0.25 * d, flags))
-            self._rows[user_id] = rows
-        return rows
 
-    def record(self, user_id: int, item_id: int, duration_s: float, play_time_s: float, flags: int = 0) -> None:
-        rows = self._user(int(user_id))
-        rows.append((int(item_id), float(duration_s), float(play_time_s), int(flags)))
-        cap = self.short_len + self.long_len
-        if len(rows) > 2 * cap:  # amortised trim keeps appends O(1)
-            del rows[: len(rows) - cap]
+def fit_profile(model_cfg):
+    """The model config with KuaiRand's profile shape (contexts built here carry PROFILE_FIELDS fields)."""
+    if (model_cfg.profile_fields, model_cfg.profile_vocab) == (PROFILE_FIELDS, PROFILE_VOCAB):
+        return model_cfg
+    return model_cfg.replace(profile_fields=PROFILE_FIELDS, profile_vocab=PROFILE_VOCAB)
 
-    def context(self, user_id: int) -> dict:
-        rows = self._user(int(user_id))[-(self.short_len + self.long_len):]
-        short, long = rows[-self.short_len:], rows[: max(0, len(rows) - self.short_len)]
 
-        def seq(part):
-            return {"item_id": [r[0] for r in part], "duration_s": [r[1] for r in part],
-                    "play_time_s": [r[2] for r in part], "flags": [r[3] for r in part]}
-
-        return {"profile": profile_features(user_id), "short": seq(short), "long": seq(long)}
+def item_catalogue(dim: int = 32) -> ItemCatalogue:
+    """Every KuaiRand video with its duration and the embedding its semantic id is fitted on."""
+    item_ids, emb = item_embeddings(dim=dim)
+    durations = video_durations_s()
+    return ItemCatalogue(item_ids=np.asarray(item_ids, dtype=np.int64),
+                         durations_s=np.array([durations.get(int(i), 0.0) for i in item_ids], dtype=np.float64),
+                         embeddings=emb)
 
 
 # --------------------------------------------------------------------------- requests

@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from simulator import kuairand
-from learner.flags import FLAG_BITS, LONG_VIEW_S, flags_of, is_long_view  # noqa: F401
+from learner.flags import flags_of
 from simulator.config import SimulatorConfig
 
 FLAG_NAMES = ("like", "follow", "comment", "forward", "dislike")

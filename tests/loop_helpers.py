@@ -23,11 +23,9 @@ def loop_config(tmp_path, **loop_overrides) -> Config:
 
 @lru_cache(maxsize=1)
 def _tokenizer_bytes(codebook_size: int) -> bytes:
-    from actors.learner import default_tokenizer
-    from learner.config import ModelConfig
     from learner.tokenizer import tokenizer_bytes
 
-    return tokenizer_bytes(default_tokenizer(ModelConfig.from_name("tiny").replace(codebook_size=codebook_size)))
+    return tokenizer_bytes(kuairand.item_catalogue().fit_tokenizer(codebook_size))
 
 
 def tokenizer(codebook_size: int):

@@ -11,7 +11,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from actors.publisher import checksum_of, pack_weights
 from actors.replica import ReplicaActor
 from learner.model import LazyDecoder
-from serving_bridge.app import ServingBridge, bound_port, make_app, start_site
+from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, start_site
+from simulator import embedded
 from streaming import schemas
 from streaming.topics import ensure_topics, topic_name
 from tests.loop_helpers import loop_config, tokenizer_blob
@@ -56,7 +57,9 @@ def replicas(ray_session, tmp_path_factory):
 
 
 async def with_bridge(cfg, handles, body):
-    bridge = ServingBridge(cfg, handles)
+    views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
+                      embedded.item_catalogue().duration_of)
+    bridge = ServingBridge(cfg, handles, views=views)
     runner = await start_site(make_app(bridge), "127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{bound_port(runner)}") as session:

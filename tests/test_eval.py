@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from offline import evaluate
+from offline import sequences, trainers
 from onerec import cli
 
 
 def test_read_sequences_and_leave_one_out(tmp_path):
     path = tmp_path / "seq.txt"
     path.write_text("1 10 11 12 13\n2 20 21\n\n3 30 31 32\n1 14\n")
-    seqs = evaluate.read_sequences(path)
+    seqs = sequences.read_sequences(path)
     assert seqs == {1: [10, 11, 12, 13, 14], 2: [20, 21], 3: [30, 31, 32]}
-    split = evaluate.leave_one_out(seqs)
+    split = sequences.leave_one_out(seqs)
     assert split.users.tolist() == [1, 3]             # user 2 has too few items
     assert split.train == [[10, 11, 12], [30]]
     assert split.valid_target.tolist() == [13, 31]
@@ -27,14 +27,14 @@ def test_bad_sequence_file_names_the_line(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("1 2 3\n2 x 4\n")
     with pytest.raises(ValueError, match="line 2"):
-        evaluate.read_sequences(path)
+        sequences.read_sequences(path)
 
 
 def test_cooccurrence_embeddings_put_co_watched_items_together():
     # items 0-4 always appear together, 5-9 together, never mixed
     rng = np.random.default_rng(0)
     train = [list(rng.permutation(5)) for _ in range(50)] + [list(5 + rng.permutation(5)) for _ in range(50)]
-    emb = evaluate.cooccurrence_embeddings(train, np.arange(10), dim=4)
+    emb = sequences.cooccurrence_embeddings(train, np.arange(10), dim=4)
     sim = emb @ emb.T
     within = (sim[:5, :5].sum() - 5) / 20
     across = sim[:5, 5:].mean()
@@ -45,7 +45,7 @@ def test_sequence_context_keeps_the_newest_items():
     from learner.config import ModelConfig
 
     cfg = ModelConfig.from_name("tiny")
-    ctx = evaluate.sequence_context(list(range(1, 131)), cfg)
+    ctx = sequences.sequence_context(list(range(1, 131)), cfg)
     assert ctx["short"]["item_id"] == list(range(111, 131))
     assert ctx["long"]["item_id"] == list(range(11, 111))
     assert ctx["profile"] == [0] * cfg.profile_fields
@@ -53,13 +53,13 @@ def test_sequence_context_keeps_the_newest_items():
 
 
 def test_popular_baseline_ranks_by_training_counts():
-    ranked = evaluate.recommend_popular([[1, 2], [2, 3, 3, 3]], 2, top_k=2)
+    ranked = trainers.recommend_popular([[1, 2], [2, 3, 3, 3]], 2, top_k=2)
     assert ranked.tolist() == [[3, 2], [3, 2]]
 
 
 def test_eval_sequences_finds_the_pattern_and_beats_most_popular(tmp_path, capsys):
     path = tmp_path / "synthetic.txt"
-    evaluate.write_sequences(evaluate.synthetic_sequences(200, 20, seed=0), path)
+    sequences.write_sequences(sequences.synthetic_sequences(200, 20, seed=0), path)
     rc = cli.main(["eval", "sequences", str(path), "--time-budget", "300", "--max-steps", "100",
                    "--batch-size", "64", "--beam-width", "20", "--json"])
     assert rc == 0

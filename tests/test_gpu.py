@@ -364,14 +364,14 @@ def test_learner_trains_on_cuda(tmp_path, stream_config):
     tok = tokenizer(cfg.model.codebook_size)
     payloads = [schemas.encode_sample(s) for s in make_samples(16, tok, seed=3)]
     produce(stream_config, payloads)
-    learner = OnlineLearner(cfg, tokenizer=tok)
+    learner = OnlineLearner.from_config(cfg, tokenizer=tok)
     try:
         assert learner.device.type == "cuda"
         assert all(p.is_cuda and p.dtype == torch.float32 for p in learner.model.parameters())  # fp32 master weights
         before = {k: v.clone() for k, v in learner.model.state_dict().items()}
         run_until(learner, step=1)
         assert all(np.isfinite(v) for v in learner.last_losses.values())
-        assert learner.stats["nonfinite_steps"] == 0 and learner.stats["failed_batches"] == 0
+        assert learner.counters()["nonfinite_steps"] == 0 and learner.counters()["failed_batches"] == 0
         changed = [k for k, v in learner.model.state_dict().items() if not torch.equal(before[k], v)]
         assert changed and all(torch.isfinite(v).all() for v in learner.model.state_dict().values())
 

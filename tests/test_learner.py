@@ -7,7 +7,8 @@ import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from actors.learner import CheckpointStore, OnlineLearner
+from actors.learner import OnlineLearner
+from learner.checkpoint import CheckpointStore
 from simulator.users import UserSimulator
 from streaming import schemas
 from streaming.topics import ensure_topics, topic_name
@@ -65,8 +66,7 @@ def run_until(learner: OnlineLearner, *, step: int | None = None, timeout_s: flo
     """Train until `step`, or (step None) until the consumer reached the end of every partition."""
     end = None
     if step is None:
-        tps = [TopicPartition(learner.topic, p) for p in range(learner.cfg.stream.partitions)]
-        end = {tp.partition: o for tp, o in learner.consumer.end_offsets(tps).items()}
+        end = learner.source.end_offsets()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if step is not None and learner.step >= step:
@@ -90,7 +90,7 @@ def test_learner_commits_checkpoints_and_resumes_without_retraining(tmp_path, st
     produce(stream_config, payloads)
     all_keys = {(s["request_id"], s["item_id"]) for s in samples}
 
-    first = OnlineLearner(cfg, tokenizer=tok)
+    first = OnlineLearner.from_config(cfg, tokenizer=tok)
     assert first.resumed_from is None
     run_until(first, step=4)                               # checkpoint at step 4
     at_checkpoint = set(first.trained_keys)
@@ -103,7 +103,7 @@ def test_learner_commits_checkpoints_and_resumes_without_retraining(tmp_path, st
     manifest, _ = CheckpointStore(cfg.loop.checkpoint_dir).latest()
     assert manifest["step"] == 4 and set(manifest["files"]) >= {"model.safetensors", "optimizer.safetensors",
                                                                 "tokenizer.safetensors"}
-    second = OnlineLearner(cfg)                            # tokenizer and weights come from the checkpoint
+    second = OnlineLearner.from_config(cfg)                            # tokenizer and weights come from the checkpoint
     assert second.resumed_from is not None and second.step == 4
     assert {int(p): o for p, o in manifest["offsets"].items()} == second.positions
     for name, value in second.model.state_dict().items():
@@ -113,10 +113,10 @@ def test_learner_commits_checkpoints_and_resumes_without_retraining(tmp_path, st
     again = set(second.trained_keys)
     assert not (again & at_checkpoint), "samples up to the checkpoint were trained again"
     assert at_checkpoint | again == all_keys  # nothing lost
-    total_stats = first.stats + second.stats
-    assert second.stats["bad"] + first.stats["bad"] >= 2   # the garbage records were counted, not fatal
+    total_stats = first.counters() + second.counters()
+    assert second.counters()["bad"] + first.counters()["bad"] >= 2   # the garbage records were counted, not fatal
     assert total_stats["duplicates"] >= 2                  # redeliveries skipped
-    assert second.stats["nonfinite_steps"] == 0 and all(np.isfinite(v) for v in second.last_losses.values())
+    assert second.counters()["nonfinite_steps"] == 0 and all(np.isfinite(v) for v in second.last_losses.values())
     assert second.by_version and sum(c["samples"] for c in second.by_version.values()) == len(again)
     second.close()
 
@@ -129,7 +129,7 @@ def test_algorithm_switches_train(tmp_path, stream_config, algorithm):
     cfg.train.algorithm = algorithm
     tok = tokenizer(cfg.model.codebook_size)
     produce(stream_config, [schemas.encode_sample(s) for s in make_samples(16, tok, seed=1)])
-    learner = OnlineLearner(cfg, tokenizer=tok)
+    learner = OnlineLearner.from_config(cfg, tokenizer=tok)
     try:
         before = {k: v.clone() for k, v in learner.model.state_dict().items()}
         run_until(learner, step=1)

@@ -49,7 +49,7 @@ def test_pretrain_command_writes_a_checkpoint_and_prints_recommendations(tmp_pat
     assert pretrain.main(args, cfg) == 0
     out = capsys.readouterr().out
     assert out.count("top-5") == 2 and "checkpoint:" in out
-    from actors.learner import CheckpointStore
+    from learner.checkpoint import CheckpointStore
     from learner.model import LazyDecoder
     from learner.tokenizer import SemanticTokenizer
 
