@@ -42,7 +42,6 @@ def eval_replay(log, model_cfg: ModelConfig, *, k: int, beam_width: int, train_e
     Returns {"final": {"model": {...}, "popular": {...}}, "curve": [...], "info": {...}}.
     """
     from simulator import kuairand
-    from streaming.reward import duration_bucket, engagement_score
 
     model_cfg = kuairand.fit_profile(model_cfg)
     torch.manual_seed(seed)
@@ -50,62 +49,23 @@ def eval_replay(log, model_cfg: ModelConfig, *, k: int, beam_width: int, train_e
     tokenizer = SemanticTokenizer()
     size = model_cfg.codebook_size
     tokenizer.fit(item_ids, emb, codebook_sizes=(size, size, size), seed=seed)
-    trie = tokenizer.trie()
     model = LazyDecoder(model_cfg).to(device)
+    state = _Prequential(log, model_cfg, item_ids, k=k, beta=beta)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    history = kuairand.UserHistory(short_len=model_cfg.max_short, long_len=model_cfg.max_long, warm_start=True)
-    plays: dict[tuple[int, int], list[float]] = {}
-    popularity = np.zeros(len(item_ids))
-    item_row = {int(v): i for i, v in enumerate(item_ids)}
-    known = np.isin(log.video_id, item_ids)
     requests = kuairand.group_requests(log, gap_s=gap_s)
-    totals = {name: {"recall_sum": 0.0, "recall_n": 0, "q_sum": 0.0, "q_n": 0, "shown_n": 0, "rec_n": 0}
-              for name in ("model", "popular")}
     curve: list[dict] = []
-    window_start = {name: (0.0, 0) for name in totals}  # recall sums at the previous curve point
     every = max(1, len(requests) // curve_points)
     next_point = every
     trained = 0
     bar = tqdm(total=len(requests), desc="replay", unit="req", disable=None, file=sys.stderr)
     for start in range(0, len(requests), train_every):
         block = requests[start: start + train_every]
-        contexts, shown, pairs = [], [], []
-        for rows in block:
-            user = int(log.user_id[rows[0]])
-            ctx = history.context(user)
-            contexts.append(ctx)
-            outcome = {}  # item -> (q, positive)
-            for i in rows.tolist():
-                if not known[i]:
-                    continue
-                item, duration = int(log.video_id[i]), log.duration_ms[i] / 1000.0
-                play = log.play_time_ms[i] / 1000.0
-                key = (user, int(duration_bucket(duration, beta)))
-                q = float(engagement_score(plays.get(key, []), play))
-                positive = bool(log.long_view[i]) and not bool(log.is_hate[i])
-                outcome[item] = (q, positive or outcome.get(item, (0, False))[1])
-                if positive:
-                    pairs.append((ctx, item))
-                plays.setdefault(key, []).append(play)
-                history.record(user, item, duration, play, kuairand.flags_of(log, i))
-            shown.append(outcome)
+        contexts, shown, pairs = state.observe(block)
         model.eval()
-        recs = beam_search(model, build_context_batch(contexts, tokenizer, model_cfg).to(device), trie,
+        recs = beam_search(model, build_context_batch(contexts, tokenizer, model_cfg).to(device), tokenizer.trie(),
                            beam_width=beam_width, top_k=k).item_ids.cpu().numpy()       # (R, k)
-        popular = item_ids[np.argsort(-popularity, kind="stable")[:k]]
-        for ranked_row, outcome in zip(recs, shown):
-            for name, ranked in (("model", ranked_row), ("popular", popular)):
-                t = totals[name]
-                relevant = {v for v, (_, pos) in outcome.items() if pos}
-                if relevant:
-                    t["recall_sum"] += metrics.recall_at_k(ranked[None, :], [relevant], k)
-                    t["recall_n"] += 1
-                hits = [outcome[int(v)][0] for v in ranked if int(v) in outcome]
-                t["q_sum"] += sum(hits)
-                t["q_n"] += len(hits)
-                t["rec_n"] += len(ranked)
-        for _ctx, item in pairs:
-            popularity[item_row[item]] += 1
+        state.score(recs, shown)
+        state.count_positives(pairs)
         if pairs:
             model.train()
             for b in range(0, len(pairs), batch_size):
@@ -117,25 +77,97 @@ def eval_replay(log, model_cfg: ModelConfig, *, k: int, beam_width: int, train_e
         done = start + len(block)
         bar.update(len(block))
         if done >= next_point or done == len(requests):
-            point = {"requests": done, "time_ms": int(log.time_ms[block[-1][-1]]), "trained_pairs": trained}
-            for name, t in totals.items():
-                point[f"{name}_recall@{k}"] = t["recall_sum"] / max(t["recall_n"], 1)
-                point[f"{name}_mean_q"] = t["q_sum"] / t["q_n"] if t["q_n"] else None
-                prev = window_start[name]
-                point[f"{name}_recall@{k}_window"] = ((t["recall_sum"] - prev[0]) / (t["recall_n"] - prev[1])
-                                                     if t["recall_n"] > prev[1] else None)
-                window_start[name] = (t["recall_sum"], t["recall_n"])
-            curve.append(point)
+            curve.append({"requests": done, "time_ms": int(log.time_ms[block[-1][-1]]), "trained_pairs": trained,
+                          **state.curve_point()})
             next_point += every
     bar.close()
-    final = {name: {f"recall@{k}": t["recall_sum"] / max(t["recall_n"], 1),
-                    "mean_q": t["q_sum"] / t["q_n"] if t["q_n"] else None,
-                    "shown_share": t["q_n"] / max(t["rec_n"], 1), "scored_requests": t["recall_n"]}
-             for name, t in totals.items()}
-    return {"final": final, "curve": curve,
+    return {"final": state.final(), "curve": curve,
             "info": {"requests": len(requests), "rows": len(log), "trained_pairs": trained, "k": k,
                      "beam_width": beam_width, "train_every": train_every, "gap_s": gap_s, "device": device,
                      "preset": model_cfg.name}}
+
+
+class _Prequential:
+    """What the replay knows so far: user histories, play times per (user, bucket), popularity, and the
+    running scores of the model and the most-popular baseline."""
+
+    def __init__(self, log, model_cfg: ModelConfig, item_ids: np.ndarray, *, k: int, beta: float):
+        from simulator import kuairand
+
+        self.log, self.k, self.beta = log, k, beta
+        self.item_ids = item_ids
+        self.history = kuairand.UserHistory(short_len=model_cfg.max_short, long_len=model_cfg.max_long,
+                                            warm_start=True)
+        self.flags_of = kuairand.flags_of
+        self.plays: dict[tuple[int, int], list[float]] = {}
+        self.popularity = np.zeros(len(item_ids))
+        self.item_row = {int(v): i for i, v in enumerate(item_ids)}
+        self.known = np.isin(log.video_id, item_ids)
+        self.totals = {name: {"recall_sum": 0.0, "recall_n": 0, "q_sum": 0.0, "q_n": 0, "shown_n": 0, "rec_n": 0}
+                       for name in ("model", "popular")}
+        self.window_start = {name: (0.0, 0) for name in self.totals}  # recall sums at the previous curve point
+
+    def observe(self, block: list[np.ndarray]) -> tuple[list[dict], list[dict], list[tuple[dict, int]]]:
+        """Contexts before each request, each request's outcomes {item: (q, positive)}, training pairs."""
+        from streaming.reward import duration_bucket, engagement_score
+
+        log = self.log
+        contexts, shown, pairs = [], [], []
+        for rows in block:
+            user = int(log.user_id[rows[0]])
+            ctx = self.history.context(user)
+            contexts.append(ctx)
+            outcome: dict[int, tuple[float, bool]] = {}
+            for i in rows.tolist():
+                if not self.known[i]:
+                    continue
+                item, duration = int(log.video_id[i]), log.duration_ms[i] / 1000.0
+                play = log.play_time_ms[i] / 1000.0
+                key = (user, int(duration_bucket(duration, self.beta)))
+                q = float(engagement_score(self.plays.get(key, []), play))
+                positive = bool(log.long_view[i]) and not bool(log.is_hate[i])
+                outcome[item] = (q, positive or outcome.get(item, (0, False))[1])
+                if positive:
+                    pairs.append((ctx, item))
+                self.plays.setdefault(key, []).append(play)
+                self.history.record(user, item, duration, play, self.flags_of(log, i))
+            shown.append(outcome)
+        return contexts, shown, pairs
+
+    def score(self, recs: np.ndarray, shown: list[dict]) -> None:
+        popular = self.item_ids[np.argsort(-self.popularity, kind="stable")[:self.k]]
+        for ranked_row, outcome in zip(recs, shown):
+            for name, ranked in (("model", ranked_row), ("popular", popular)):
+                t = self.totals[name]
+                relevant = {v for v, (_, pos) in outcome.items() if pos}
+                if relevant:
+                    t["recall_sum"] += metrics.recall_at_k(ranked[None, :], [relevant], self.k)
+                    t["recall_n"] += 1
+                hits = [outcome[int(v)][0] for v in ranked if int(v) in outcome]
+                t["q_sum"] += sum(hits)
+                t["q_n"] += len(hits)
+                t["rec_n"] += len(ranked)
+
+    def count_positives(self, pairs: list[tuple[dict, int]]) -> None:
+        for _ctx, item in pairs:
+            self.popularity[self.item_row[item]] += 1
+
+    def curve_point(self) -> dict:
+        point, k = {}, self.k
+        for name, t in self.totals.items():
+            point[f"{name}_recall@{k}"] = t["recall_sum"] / max(t["recall_n"], 1)
+            point[f"{name}_mean_q"] = t["q_sum"] / t["q_n"] if t["q_n"] else None
+            prev = self.window_start[name]
+            point[f"{name}_recall@{k}_window"] = ((t["recall_sum"] - prev[0]) / (t["recall_n"] - prev[1])
+                                                 if t["recall_n"] > prev[1] else None)
+            self.window_start[name] = (t["recall_sum"], t["recall_n"])
+        return point
+
+    def final(self) -> dict:
+        return {name: {f"recall@{self.k}": t["recall_sum"] / max(t["recall_n"], 1),
+                       "mean_q": t["q_sum"] / t["q_n"] if t["q_n"] else None,
+                       "shown_share": t["q_n"] / max(t["rec_n"], 1), "scored_requests": t["recall_n"]}
+                for name, t in self.totals.items()}
 
 
 def plot_replay(result: dict, path: str | Path) -> None:
