@@ -22,7 +22,6 @@ An optional bearer token (`loop.api_token`) guards /recommend and /version.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -30,67 +29,19 @@ from collections import OrderedDict
 
 import orjson
 from aiohttp import web
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from learner.flags import flags_of
+from serving_bridge.pool import NoReplicaError, ReplicaPool  # noqa: F401 - ReplicaPool is part of the API
+from serving_bridge.routing import ArmNotServed, ArmRouter, BatchingPool
 from streaming import schemas
 from streaming.topics import topic_name
 
 log = logging.getLogger(__name__)
 
 IMPRESSION_CACHE = 50_000    # request ids remembered to find the duration of a fed-back item
-
-
-class NoReplicaError(RuntimeError):
-    """No replica could answer (all dead or timing out)."""
-
-
-class ReplicaPool:
-    """Round robin over live replica handles; dead ones are dropped and can be replaced."""
-
-    def __init__(self, handles=()):
-        self._handles: list = list(handles)
-        self._counter = itertools.count()
-        self.failures = 0
-
-    def __len__(self) -> int:
-        return len(self._handles)
-
-    @property
-    def handles(self) -> list:
-        return list(self._handles)
-
-    def add(self, handle) -> None:
-        self._handles.append(handle)
-
-    def remove(self, handle) -> None:
-        self._handles = [h for h in self._handles if h._actor_id != handle._actor_id]
-
-    def order(self) -> list:
-        """All live replicas, starting at the next one in round-robin order."""
-        handles = self._handles
-        if not handles:
-            return []
-        start = next(self._counter) % len(handles)
-        return handles[start:] + handles[:start]
-
-    async def recommend(self, contexts: list[dict], *, top_k: int, beam_width: int, timeout_s: float,
-                        temperature: float = 0.0) -> dict:
-        """One replica call, retried on the next replica when one dies or times out."""
-        errors = []
-        for handle in self.order():
-            try:
-                return await asyncio.wait_for(handle.recommend.remote(contexts, top_k, beam_width, temperature), timeout_s)
-            except RayActorError as exc:   # died (or unreachable): drop it; the driver replaces it
-                self.failures += 1
-                self.remove(handle)
-                errors.append(f"replica died: {type(exc).__name__}")
-                log.warning("replica %s died; retrying on another: %s", handle._actor_id.hex()[:8], exc)
-            except (asyncio.TimeoutError, GetTimeoutError):
-                self.failures += 1
-                errors.append(f"replica timed out after {timeout_s} s")
-                log.warning("replica %s timed out; retrying on another", handle._actor_id.hex()[:8])
-        raise NoReplicaError("; ".join(errors) or "no serving replica is running")
+BATCH_WAIT_S = 0.005         # requests within 5 ms of each other share one replica call
+MAX_BATCH = 32               # ... at most this many
 
 
 class UserViews:
@@ -124,10 +75,18 @@ class UserViews:
 class ServingBridge:
     """State of one bridge process: replicas, user views, Kafka clients, counters."""
 
-    def __init__(self, cfg, replicas=(), *, views: UserViews, group_suffix: str | None = None):
+    def __init__(self, cfg, replicas=(), *, views: UserViews, arms: list[str] | None = None,
+                 pools: dict[str, list] | None = None, group_suffix: str | None = None):
+        """Single policy: `replicas`. A/B: `arms` (every arm of the experiment, in order) and `pools`
+        (arm -> replica handles, for the learned arms served here)."""
         self.cfg = cfg
         self.loop_cfg = cfg.loop
-        self.pool = ReplicaPool(replicas)
+        self.experiment = pools is not None
+        arms = list(arms) if arms is not None else ["policy"]
+        pools = pools if pools is not None else {arms[0]: list(replicas)}
+        self.pools = {arm: ReplicaPool(handles) for arm, handles in pools.items()}
+        self.pool = next(iter(self.pools.values()))          # the first arm's (the only one without A/B)
+        self.router = ArmRouter(arms, {arm: self._batching(pool) for arm, pool in self.pools.items()})
         self.views = views
         self.impressions_topic = topic_name(cfg.stream, "impressions")
         self.feedback_topic = topic_name(cfg.stream, "feedback")
@@ -197,9 +156,7 @@ class ServingBridge:
     async def recommend(self, user_id: int, context: dict | None, top_k: int) -> dict:
         context = context if context is not None else self.views.context(user_id)
         start = time.perf_counter()
-        served = await self.pool.recommend([context], top_k=top_k, beam_width=self.loop_cfg.beam_width,
-                                           temperature=self.loop_cfg.explore_temperature,
-                                           timeout_s=self.loop_cfg.request_timeout_s)
+        arm, served = await self.router.recommend(user_id, context, top_k)
         request_id = uuid.uuid4().hex
         version = int(served["model_version"])
         items = [{"item_id": int(i), "semantic_id": [int(s) for s in sid], "logprob": float(lp)}
@@ -208,6 +165,8 @@ class ServingBridge:
         impression = {"request_id": request_id, "user_id": user_id, "ts": time.time(), "model_version": version,
                       "source": "onerec", "context": context,
                       "items": [{**it, "duration_s": durations[it["item_id"]]} for it in items]}
+        if self.experiment:
+            impression["arm"] = arm
         await self.producer.send(self.impressions_topic, schemas.encode_impression(impression),
                                  key=request_id.encode())
         self.views.remember(request_id, durations)
@@ -216,11 +175,16 @@ class ServingBridge:
         self.latencies_ms.append(1000 * (time.perf_counter() - start))
         if len(self.latencies_ms) > 100_000:
             del self.latencies_ms[:50_000]
-        return {"request_id": request_id, "items": items, "model_version": version}
+        answer = {"request_id": request_id, "items": items, "model_version": version}
+        return {**answer, "arm": arm} if self.experiment else answer
+
+    def _batching(self, pool: ReplicaPool) -> BatchingPool:
+        return BatchingPool(pool, beam_width=self.loop_cfg.beam_width, temperature=self.loop_cfg.explore_temperature,
+                            timeout_s=self.loop_cfg.request_timeout_s, batch_wait_s=BATCH_WAIT_S, max_batch=MAX_BATCH)
 
     async def replica_versions(self) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
-        for handle in self.pool.handles:
+        for handle in (h for pool in self.pools.values() for h in pool.handles):
             try:
                 out[handle._actor_id.hex()[:8]] = await asyncio.wait_for(handle.version.remote(), 2.0)
             except (RayActorError, asyncio.TimeoutError):
@@ -265,6 +229,8 @@ def make_app(bridge: ServingBridge) -> web.Application:
         except NoReplicaError as exc:
             bridge.errors += 1
             return _error(503, f"no replica could answer: {exc}")
+        except ArmNotServed as exc:
+            return _error(409, str(exc))
         except ValueError as exc:   # the replica's featurizer rejected the context (RayTaskError is one)
             bridge.errors += 1
             return _error(422, f"context rejected: {_last_line(exc)}")
