@@ -11,6 +11,7 @@ from dataclasses import dataclass
 @dataclass
 class LoopConfig:
     n_replicas: int = 2                    # two: a replica can die without losing a request
+    replicas_per_arm: int = 1              # A/B runs: replicas of each learned arm (2 cores: keep it cheap)
     publish_every_steps: int = 5           # learner steps between weight pushes ...
     publish_every_s: float = 2.0           # ... or seconds, whichever comes first (freshness < 10 s)
     checkpoint_dir: str = "runs/checkpoints"   # fsspec URL: a local path or s3://bucket/prefix
@@ -47,7 +48,7 @@ class LoopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive_ints = ("n_replicas", "publish_every_steps", "checkpoint_every_steps", "checkpoints_kept", "versions_kept",
+        positive_ints = ("n_replicas", "replicas_per_arm", "publish_every_steps", "checkpoint_every_steps", "checkpoints_kept", "versions_kept",
                          "beam_width", "top_k", "micro_batch", "sim_users",
                          "sim_concurrency")
         for name in positive_ints:
@@ -89,12 +90,19 @@ class DriftConfig:
     served_window: int = 500           # samples per served record (per model version)
     positive_q: float = 0.75           # q above this and no dislike = positive (top quartile, sec. 3.1.1)
     rollback: bool = False             # roll serving back on an alert
+    # Collapse (the policy narrows onto a few items): over a served window of `served_window` samples,
+    # distinct items per exposure below this share, or exposure Gini over the catalogue above
+    # `collapse_gini` (500 samples spread perfectly over 7.5k items still have Gini 0.93), for
+    # `collapse_versions` windows in a row. Set before any A/B arm ran; issue 15 calibrates them.
+    collapse_distinct_share: float = 0.2
+    collapse_gini: float = 0.995
+    collapse_versions: int = 3
     probe_top_k: int = 20
     probe_beam_width: int = 20
     kl_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        for name in ("min_served", "served_window", "probe_top_k", "probe_beam_width"):
+        for name in ("min_served", "served_window", "probe_top_k", "probe_beam_width", "collapse_versions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"drift.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.probe_top_k > self.probe_beam_width:

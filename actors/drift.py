@@ -22,8 +22,10 @@ Two kinds of records (one JSON object per line, `kind` says which):
   `positive_share` (q > `positive_q` and no dislike: the report's top-quartile positives),
   `dislike_share`, `mean_play_time_s`, `coverage` and `gini` of the exposed items over the
   catalogue, `cold_start_share` (exposed items that no earlier sample contained: not yet trained on).
-Alerts: `kl > kl_threshold` (probe) or `dislike_share > dislike_threshold` with at least
-`min_served` samples (served): a WARNING log line, the `onerec_drift_alerts` counter, `alerts` in
+  `distinct_share` (distinct exposed items per exposure: 1 = every exposure a different item).
+Alerts: `kl > kl_threshold` (probe), `dislike_share > dislike_threshold` with at least
+`min_served` samples (served), or collapse: `collapse_versions` served records in a row with
+`distinct_share < collapse_distinct_share` or `gini > collapse_gini`: a WARNING log line, the `onerec_drift_alerts` counter, `alerts` in
 the record, and, when `rollback` is on, `on_rollback(to_version)`.
 
 `DriftMonitor` is the plain class; `DriftMonitorActor` its Ray wrapper, which receives weights exactly
@@ -99,6 +101,7 @@ class DriftMonitor:
         self.tokenizer = tokenizer
         self.trie = tokenizer.trie()
         self.catalogue_size = len(tokenizer)
+        self._collapsed_run = 0          # served records in a row that looked collapsed
         self.device = torch.device(device)
         self.model = LazyDecoder(model_cfg).to(self.device).eval()
         self.probe = build_context_batch(probe_contexts, tokenizer, model_cfg)  # validated once
@@ -197,7 +200,9 @@ class DriftMonitor:
                   "dislike_share": float(dislike.mean()) if n else None,
                   "mean_play_time_s": float(play.mean()) if n else None,
                   "coverage": metrics.coverage(items, self.catalogue_size), "gini": metrics.gini(counts),
-                  "cold_start_share": float(cold.mean()), "alerts": [], "rolled_back_to": None}
+                  "cold_start_share": float(cold.mean()), "distinct_share": len(exposed) / max(len(samples), 1),
+                  "alerts": [], "rolled_back_to": None}
+        self._check_collapse(record)
         if n >= self.cfg.min_served and record["dislike_share"] > self.cfg.dislike_threshold:
             record["alerts"].append({"kind": "dislike", "value": record["dislike_share"],
                                      "threshold": self.cfg.dislike_threshold})
@@ -207,6 +212,20 @@ class DriftMonitor:
                 self._probes.pop(version, None)
         self._finish(record)
         return record
+
+    def _check_collapse(self, record: dict) -> None:
+        """Collapse: `collapse_versions` served records in a row with few distinct items per exposure
+        (`distinct_share`) or a near-1 Gini of exposure over the catalogue. Windows smaller than
+        `min_served` do not count (a few samples say nothing about the spread)."""
+        if record["n"] < self.cfg.min_served:
+            return
+        collapsed = (record["distinct_share"] < self.cfg.collapse_distinct_share
+                     or record["gini"] > self.cfg.collapse_gini)
+        self._collapsed_run = self._collapsed_run + 1 if collapsed else 0
+        if self._collapsed_run >= self.cfg.collapse_versions:
+            record["alerts"].append({"kind": "collapse", "value": record["distinct_share"],
+                                     "threshold": self.cfg.collapse_distinct_share,
+                                     "gini": record["gini"], "consecutive": self._collapsed_run})
 
     def reference_version(self) -> int | None:
         return self.accepted_versions[-1] if self.accepted_versions else None

@@ -1,52 +1,18 @@
-"""`onerec run`: the whole loop on one machine (or a Ray cluster) - broker, join worker, learner, replicas, bridge, users.
+"""`onerec run`: the whole loop on one machine (or a Ray cluster), and what it prints while it runs.
 
-Invariant: everything this command starts it also stops, in reverse order, on Ctrl-C, SIGTERM or
-the end of `--duration`: the simulator, the learner (after a final checkpoint), the bridge, the
-replicas, Ray (when started here), the join worker's process group and the embedded broker. No
-process is left behind.
-
-Where the pieces run:
-- broker: the embedded Tansu (`infra.broker.EmbeddedBroker`) when `stream.bootstrap_servers` is on
-  loopback and nothing listens there; otherwise the cluster it names (external Kafka);
-- join worker: a subprocess `onerec worker` (either `stream.engine`) in its own process group. Both
-  engines own their event loop and signal handlers (Faust's `Worker` also its logging set-up) and
-  expect to be a process's main program; a subprocess gives them that, is stopped with one signal to
-  its group, and a crash there is visible (exit code, log file) without taking Ray or the bridge down;
-- learner (1) and serving replicas (`loop.n_replicas`): Ray actors; the learner pushes weights to
-  the replicas itself (the driver never holds weight bytes);
-- bridge (aiohttp) and the user simulator: this process's event loop; the simulator talks to the
-  bridge over HTTP like any client and sends its feedback to the `feedback` topic.
-A supervisor replaces a dead replica (started from the latest published version) and restarts a
-dead learner (which resumes from its latest checkpoint).
+The loop itself is `actors.loop.Loop`; this module parses the command line, builds the arms
+(`--arms`: an A/B run, as `onerec ab`; without it, one learned arm with `train.algorithm`), runs the
+loop for `--duration` seconds, and prints a progress line every `loop.progress_every_s` and a
+per-version table at the end.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import dataclasses
 import logging
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-import ray
-from ray.exceptions import RayActorError
-
-from actors.learner import LearnerActor
-from actors.metrics import LoopMetrics
-from actors.replica import ReplicaActor
-from learner.checkpoint import CheckpointStore
-from learner.config import ModelConfig
-from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, start_site
-from simulator import embedded
-from simulator.traffic import SimulatedTraffic
-from streaming.topics import ensure_topics
-
-log = logging.getLogger("onerec.run")
+from actors.loop import Loop
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,336 +20,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many seconds (default: loop.duration_s; 0 = until Ctrl-C)")
     parser.add_argument("--no-traffic", action="store_true", help="start everything but the user simulator")
     parser.add_argument("--log-dir", default="runs/logs", help="where the join worker and broker logs go")
+    parser.add_argument("--arms", default=None, metavar="A,B,...",
+                        help="run an A/B experiment with these arms instead (see `onerec ab --help`)")
+
+
+def cli_passthrough(args: argparse.Namespace) -> list[str]:
+    """The config arguments again, for the join worker subprocess."""
+    out = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
+    return out + (["--preset", args.preset] if args.preset else [])
 
 
 def main(args: argparse.Namespace, cfg) -> int:
+    if args.arms:
+        from actors import ab
+
+        return ab.main(args, cfg)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     duration = cfg.loop.duration_s if args.duration is None else args.duration
     if duration < 0:
         print("onerec run: --duration must be >= 0", file=sys.stderr)
         return 2
-    passthrough = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
-    if args.preset:
-        passthrough += ["--preset", args.preset]
-    loop = Loop(cfg, cli_args=passthrough, log_dir=args.log_dir, traffic=not args.no_traffic)
-    return asyncio.run(loop.run(duration_s=duration))
+    loop = Loop(cfg, cli_args=cli_passthrough(args), log_dir=args.log_dir, traffic=not args.no_traffic)
+    rc = asyncio.run(loop.run(duration_s=duration))
+    print(summary_table(loop.last_status, loop.traffic))
+    return rc
 
 
-# ---------------------------------------------------------------------------------------------
-def resolve_model_config(cfg, say=print) -> ModelConfig:
-    """The model shape to run: the loop's own checkpoint's, else the pretraining checkpoint's, else
-    cfg.model with the profile shape of the embedded world's contexts."""
-    for url in (cfg.loop.checkpoint_dir, cfg.loop.init_from):
-        if not url:
-            continue
-        latest = CheckpointStore(url).latest()
-        if latest is not None and "model_config" in latest[0]:
-            fields = {f.name for f in dataclasses.fields(ModelConfig)}
-            return ModelConfig(**{k: v for k, v in latest[0]["model_config"].items() if k in fields})
-    model = embedded.model_config(cfg.model)
-    if model != cfg.model:
-        say(f"onerec run: model.profile_fields/profile_vocab set to {model.profile_fields}/{model.profile_vocab} "
-            f"(the embedded world's user profile)")
-    return model
-
-
-def broker_is_embedded(bootstrap: str) -> bool:
-    """True when the (single) bootstrap address is on loopback: the embedded default."""
-    servers = [s.strip() for s in bootstrap.split(",") if s.strip()]
-    return len(servers) == 1 and servers[0].rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
-
-
-def _port_open(bootstrap: str) -> bool:
-    import socket
-
-    host, port = bootstrap.rsplit(":", 1)
-    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
-        return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
-class Loop:
-    """Starts, supervises and stops every part of the loop (see the module docstring)."""
-
-    def __init__(self, cfg, *, cli_args: list[str] | None = None, log_dir: str = "runs/logs",
-                 traffic: bool = True, manage_ray: bool = True, out=sys.stdout):
-        self.cfg = cfg
-        self.cli_args = list(cli_args or [])
-        self.log_dir = Path(log_dir)
-        self.with_traffic = traffic
-        self.manage_ray = manage_ray
-        self.out = out
-        self.broker = None
-        self.worker: subprocess.Popen | None = None
-        self.worker_log = None
-        self.learner = None
-        self.learner_run = None
-        self.learner_restarts = 0
-        self.replicas: list = []
-        self.replica_serial = 0
-        self.bridge: ServingBridge | None = None
-        self.runner = None
-        self.url = ""
-        self.traffic: SimulatedTraffic | None = None
-        self.tokenizer_bytes = b""
-        self.catalogue = None
-        self.metrics: LoopMetrics | None = None
-        self.drift = None
-        self._worker_overrides: list[str] = []
-        self.last_status: dict = {}
-        self._ray_started = False
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-
-    # ---- start ---------------------------------------------------------------------------------
-    async def start(self) -> None:
-        # The effective config is a copy built here once; the caller's object is never changed.
-        cfg = self.cfg = dataclasses.replace(self.cfg, model=resolve_model_config(self.cfg, self._say))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        overrides: list[str] = []
-        if broker_is_embedded(cfg.stream.bootstrap_servers):
-            if not _port_open(cfg.stream.bootstrap_servers):
-                from infra.broker import EmbeddedBroker
-
-                port = int(cfg.stream.bootstrap_servers.rsplit(":", 1)[1])
-                self.broker = EmbeddedBroker.from_config(cfg.stream, port=port,
-                                                         log_path=self.log_dir / "broker.log").start(timeout_s=60)
-                self._say(f"broker: embedded Tansu on {self.broker.bootstrap}")
-            else:
-                self._say(f"broker: using the one listening on {cfg.stream.bootstrap_servers}")
-            cfg = self.cfg = dataclasses.replace(cfg, stream=dataclasses.replace(
-                cfg.stream, feedback_window_s=cfg.loop.embedded_feedback_window_s))
-            overrides.append(f"stream.feedback_window_s={cfg.loop.embedded_feedback_window_s}")
-        else:
-            self._say(f"broker: external cluster {cfg.stream.bootstrap_servers}")
-        ensure_topics(cfg.stream)
-        self.catalogue = embedded.item_catalogue()
-        self._worker_overrides = overrides
-        if cfg.loop.join_worker:
-            self._start_worker(overrides)
-
-        if self.manage_ray and not ray.is_initialized():
-            if cfg.loop.ray_address:
-                ray.init(address=cfg.loop.ray_address, namespace=cfg.stream.namespace, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                         namespace=cfg.stream.namespace, configure_logging=False,
-                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-            self._ray_started = True
-            self._install_signal_handlers()   # ray.init installed its own SIGTERM handler: ours wins
-        self.metrics = LoopMetrics()
-        # an in-memory broker started here has new, empty topics: a checkpoint's offsets do not apply
-        fresh_topics = self.broker is not None and cfg.stream.broker_storage.startswith("memory://")
-        await self._start_learner(resume=True, fresh_topics=fresh_topics)
-        self.tokenizer_bytes = await self.learner.tokenizer_bytes.remote()
-        self.replicas = [await self._new_replica() for _ in range(cfg.loop.n_replicas)]
-        await self.learner.set_replicas.remote(self.replicas)
-        if cfg.loop.drift_monitor:
-            await self._start_drift_monitor()
-        self.learner_run = self.learner.run.remote()
-
-        views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
-                          self.catalogue.duration_of)
-        self.bridge = ServingBridge(cfg, self.replicas, views=views)
-        self.runner = await start_site(make_app(self.bridge), cfg.loop.bridge_host, cfg.loop.bridge_port)
-        self.url = f"http://{cfg.loop.bridge_host}:{bound_port(self.runner)}"
-        self._say(f"bridge: {self.url} (POST /recommend, GET /healthz, GET /version)")
-        self._tasks.append(asyncio.create_task(self._supervise(), name="supervise"))
-        self._tasks.append(asyncio.create_task(self._progress(), name="progress"))
-        if self.with_traffic:
-            self.traffic = SimulatedTraffic(cfg, self.url, token=cfg.loop.api_token, seed=cfg.loop.seed)
-            self._tasks.append(asyncio.create_task(self.traffic.run(self._stop), name="traffic"))
-
-    def _start_worker(self, overrides: list[str]) -> None:
-        command = [sys.executable, "-m", "onerec.cli", "worker", *self.cli_args, "--no-create-topics",
-                   "--set", f"stream.bootstrap_servers={self.cfg.stream.bootstrap_servers}",
-                   "--set", f"stream.namespace={self.cfg.stream.namespace}"]
-        for item in overrides:
-            command += ["--set", item]
-        self.worker_log = open(self.log_dir / "worker.log", "ab")
-        self.worker = subprocess.Popen(command, stdout=self.worker_log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self._say(f"join worker: pid {self.worker.pid} (log {self.log_dir / 'worker.log'})")
-
-    async def _start_learner(self, *, resume: bool, fresh_topics: bool = False) -> None:
-        loop_cfg = self.cfg.loop
-        self.learner = LearnerActor.options(num_cpus=loop_cfg.actor_num_cpus, num_gpus=loop_cfg.learner_num_gpus,
-                                            name=f"{self.cfg.stream.namespace}-learner-{self.learner_restarts}").remote(
-                                                model=self.cfg.model, train=self.cfg.train, loop=loop_cfg,
-                                                stream=self.cfg.stream, catalogue=self.catalogue,
-                                                resume=resume, fresh_topics=fresh_topics)
-        status = await self.learner.status.remote()
-        where = f"resumed from {status['resumed_from']}" if status["resumed_from"] else "fresh start"
-        self._say(f"learner: {where}, step {status['step']}, version {status['version']}")
-
-    async def _start_drift_monitor(self) -> None:
-        """The drift monitor gets every version and trained sample from the learner (actors/drift.py)."""
-        from actors.drift import DriftMonitorActor
-
-        probes = embedded.probe_contexts(self.cfg.model)
-        self.drift = DriftMonitorActor.options(num_cpus=self.cfg.loop.actor_num_cpus).remote(
-            self.cfg.model, self.tokenizer_bytes, probes, self.cfg.drift,
-            rollback_target=self.learner)
-        await self.learner.add_observer.remote(self.drift)
-        self._say(f"drift monitor: log {self.cfg.drift.log_path} (`onerec drift` shows it)")
-
-    async def _new_replica(self):
-        loop_cfg = self.cfg.loop
-        version, [ref], checksum = await self.learner.latest_weights.remote()
-        self.replica_serial += 1
-        replica = ReplicaActor.options(num_cpus=loop_cfg.actor_num_cpus, num_gpus=loop_cfg.replica_num_gpus,
-                                       name=f"{self.cfg.stream.namespace}-replica-{self.replica_serial}").remote(
-            self.cfg.model, self.tokenizer_bytes, version, ref, checksum,
-            device="cuda" if loop_cfg.replica_num_gpus > 0 else "cpu")
-        await replica.version.remote()      # ready (model built, weights applied)
-        return replica
-
-    # ---- supervise and report ------------------------------------------------------------------
-    async def _supervise(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 1.0)
-            if self._stop.is_set():
-                return
-            try:
-                self._check_worker()
-                await self._check_learner()
-                await self._check_replicas()
-            except Exception:  # noqa: BLE001 - the supervisor logs and keeps supervising
-                log.exception("supervisor check failed")
-
-    def _check_worker(self) -> None:
-        """A join worker that exited is started again (it resumes from its committed offsets)."""
-        if self.worker is not None and self.worker.poll() is not None and not self._stop.is_set():
-            self._say(f"join worker exited with {self.worker.returncode}; restarting it "
-                      f"(log {self.log_dir / 'worker.log'})")
-            self.worker_log.close()
-            self._start_worker(self._worker_overrides)
-
-    async def _check_learner(self) -> None:
-        done, _ = ray.wait([self.learner_run], timeout=0)
-        if not done:
-            return
-        try:
-            await self.learner_run
-            return   # returned: it was asked to stop
-        except Exception as exc:  # noqa: BLE001 - a dead or failed learner is restarted from its checkpoint
-            self._say(f"learner stopped ({type(exc).__name__}); restarting from its latest checkpoint")
-        with contextlib.suppress(Exception):
-            ray.kill(self.learner)
-        self.learner_restarts += 1
-        await self._start_learner(resume=True)
-        await self.learner.set_replicas.remote(self.bridge.pool.handles)
-        if self.drift is not None:
-            await self.learner.add_observer.remote(self.drift)
-        self.learner_run = self.learner.run.remote()
-
-    async def _check_replicas(self) -> None:
-        alive = []
-        for handle in self.bridge.pool.handles:
-            try:
-                await asyncio.wait_for(handle.version.remote(), 5.0)
-                alive.append(handle)
-            except RayActorError:
-                self.bridge.pool.remove(handle)
-            except asyncio.TimeoutError:
-                alive.append(handle)   # busy, not dead
-        changed = len(alive) != len(self.replicas)
-        while len(alive) < self.cfg.loop.n_replicas:
-            replica = await self._new_replica()
-            self.bridge.pool.add(replica)
-            alive.append(replica)
-            self._say("replica replaced")
-        self.replicas = alive
-        if changed:
-            await self.learner.set_replicas.remote(alive)
-
-    async def _progress(self) -> None:
-        start = time.monotonic()
-        while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.cfg.loop.progress_every_s)
-            try:
-                status = await asyncio.wait_for(self.learner.status.remote(), 10.0)
-            except (RayActorError, asyncio.TimeoutError):
-                continue
-            self.last_status = status
-            self.metrics.record(status, self.bridge)
-            self._say(progress_line(status, self.bridge, time.monotonic() - start))
-
-    def _say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
-
-    # ---- run and stop --------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
-
-    async def run(self, duration_s: float = 0.0) -> int:
-        loop = asyncio.get_running_loop()
-        self._install_signal_handlers()
-        try:
-            await self.start()
-            if duration_s > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), duration_s)
-            else:
-                await self._stop.wait()
-        finally:
-            await self.stop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        self._say(summary_table(self.last_status, self.traffic))
-        return 0
-
-    async def stop(self) -> None:
-        """Reverse order of start; each step bounded in time; safe after a partial start."""
-        self._stop.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(task, 15.0)
-        if self.learner is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.learner.stop.remote(), 10.0)
-            if self.learner_run is not None:
-                with contextlib.suppress(Exception):
-                    self.last_status = await asyncio.wait_for(self.learner_run, 60.0)
-        if self.drift is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.drift.flush.remote(), 10.0)
-        if self.runner is not None:
-            await self.runner.cleanup()
-        for actor in [*self.replicas, *(self.bridge.pool.handles if self.bridge else []), self.learner, self.drift]:
-            if actor is not None:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
-        if self._ray_started:
-            ray.shutdown()
-        if self.worker is not None and self.worker.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.worker.pid, signal.SIGTERM)
-            try:
-                self.worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, signal.SIGKILL)
-                self.worker.wait(timeout=10)
-        if self.worker_log is not None:
-            self.worker_log.close()
-        if self.broker is not None:
-            self.broker.stop()
-
-
-def progress_line(status: dict, bridge, elapsed_s: float) -> str:
+def progress_line(status: dict, bridge, elapsed_s: float, *, arm: str | None = None, traffic=None) -> str:
     """One line: version, replicas, throughput, and what users did with the latest served versions."""
     replicas = ",".join(str(v) for v in status.get("replica_versions", {}).values())
-    parts = [f"[{elapsed_s:6.1f}s] v{status['version']} (replicas {replicas or '-'})",
+    head = f"[{elapsed_s:6.1f}s] " + (f"{arm}: " if arm else "")
+    parts = [f"{head}v{status['version']} (replicas {replicas or '-'})",
              f"step {status['step']}", f"{status['samples_per_s']:.1f} samples/s",
              f"req {bridge.requests if bridge else 0}"]
     losses = status.get("losses") or {}
     if losses:
         parts.append(f"loss {losses.get('loss', float('nan')):.3f}")
+    stay = getattr(traffic, "stay_time_so_far", None)
+    if stay is not None:
+        value = stay(arm)
+        if value is not None:
+            parts.append(f"stay {value:.0f}s/user-day")
     shown = [(v, c) for v, c in sorted(status.get("by_version", {}).items(), key=lambda kv: int(kv[0]))
              if c.get("feedback")][-2:]
     for version, c in shown:
@@ -393,7 +70,7 @@ def progress_line(status: dict, bridge, elapsed_s: float) -> str:
     return " | ".join(parts)
 
 
-def summary_table(status: dict, traffic: SimulatedTraffic | None) -> str:
+def summary_table(status: dict, traffic) -> str:
     """Per serving version: samples trained, positive and dislike shares, mean play time."""
     rows = ["version  samples  positive  dislike  play_s"]
     for version, c in sorted((status or {}).get("by_version", {}).items(), key=lambda kv: int(kv[0])):
@@ -401,6 +78,6 @@ def summary_table(status: dict, traffic: SimulatedTraffic | None) -> str:
         if n:
             rows.append(f"{int(version):7d}  {c['samples']:7d}  {c['positives'] / n:8.1%}  {c['dislikes'] / n:7.1%}"
                         f"  {c['play_time_ms'] / n / 1000:6.1f}")
-    if traffic is not None:
-        rows.append(f"simulator: {dict(traffic.stats)}, of which served by the legacy pipeline: {traffic.legacy_requests}")
+    if traffic is not None and hasattr(traffic, "summary"):
+        rows.append(traffic.summary())
     return "\n".join(rows)

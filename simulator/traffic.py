@@ -137,3 +137,6 @@ class SimulatedTraffic:
             counts["dislikes"] += event["dislike"]
             counts["play_time_ms"] += int(1000 * event["play_time_s"])
         self.last_feedback_at[answer["request_id"]] = time.time()
+
+    def summary(self) -> str:
+        return (f"simulator: {dict(self.stats)}, of which served by the legacy pipeline: {self.legacy_requests}")

@@ -97,6 +97,22 @@ def test_dislike_share_alert_on_what_was_served(world, tmp_path):
     assert monitor.reference_version() == 1
 
 
+def test_collapse_alerts_after_consecutive_narrow_windows_only(world, tmp_path):
+    """Served windows concentrated on a few items raise a collapse alert at the N-th in a row; a spread
+    window in between resets the count."""
+    cfg, item_ids, tokenizer, probe, base = world
+    monitor = DriftMonitor(cfg, tokenizer, probe, DriftConfig(log_path=str(tmp_path / "c.jsonl"), served_window=100,
+                                                              min_served=50, collapse_versions=3))
+    narrow = lambda v: [sample(v, item_ids[i % 4], dislike=False, q=0.5) for i in range(100)]   # noqa: E731
+    spread = lambda v: [sample(v, item_ids[i], dislike=False, q=0.5) for i in range(100)]       # noqa: E731
+    kinds = []
+    for version, window in enumerate([narrow, narrow, spread, narrow, narrow, narrow], start=1):
+        (rec,) = monitor.observe_samples(window(version))
+        kinds.append([a["kind"] for a in rec["alerts"]])
+        assert rec["distinct_share"] == pytest.approx(0.04 if window is narrow else 1.0)
+    assert kinds == [[], [], [], [], [], ["collapse"]]
+
+
 def test_no_rollback_unless_configured(world, tmp_path):
     cfg, item_ids, tokenizer, probe, base = world
     calls = []
