@@ -301,14 +301,14 @@ class Loop:
             await self._start_drift_monitor()
         self.learner_run = self.learner.run.remote()
 
-        self.bridge = ServingBridge(cfg, self.replicas)
-        self.runner = await start_site(make_app(self.bridge), cfg.loop.bridge_host, cfg.loop.bridge_port)
-        self.url = f"http://{cfg.loop.bridge_host}:{bound_port(self.runner)}"
+        self.bridge = ServingBridge.from_config(cfg, self.replicas)
+        self.runner = await start_site(make_app(self.bridge), cfg.serve.bridge_host, cfg.serve.bridge_port)
+        self.url = f"http://{cfg.serve.bridge_host}:{bound_port(self.runner)}"
         self._say(f"bridge: {self.url} (POST /recommend, GET /healthz, GET /version)")
         self._tasks.append(asyncio.create_task(self._supervise(), name="supervise"))
         self._tasks.append(asyncio.create_task(self._progress(), name="progress"))
         if self.with_traffic:
-            self.traffic = SimulatedTraffic(cfg, self.url, token=cfg.loop.api_token, seed=cfg.loop.seed)
+            self.traffic = SimulatedTraffic(cfg, self.url, token=cfg.serve.api_token, seed=cfg.loop.seed)
             self._tasks.append(asyncio.create_task(self.traffic.run(self._stop), name="traffic"))
 
     def _start_worker(self, overrides: list[str]) -> None:
