@@ -1,7 +1,9 @@
-"""LoopConfig: the `[loop]` section - replicas, publish cadence, checkpoints, serving, bridge, Ray.
+"""LoopConfig: the `[loop]` section - replicas, publish cadence, checkpoints, serving, Ray.
 
-Invariant: every value is validated in `__post_init__`, which is idempotent (Config.set calls it
-again after each override), and a bad value raises ValueError naming `loop.<field>`.
+Invariant: every value is validated in `__post_init__` (idempotent; `onerec.config` builds the section
+once from the merged defaults, file and overrides), and a bad value raises ValueError naming
+`loop.<field>`. The bridge's own knobs (host, port, token, timeout, request caps) are `[serve]`
+(serving_bridge/config.py).
 """
 from __future__ import annotations
 
@@ -24,10 +26,6 @@ class LoopConfig:
     top_k: int = 4                         # items per recommendation request
     explore_temperature: float = 1.0       # 0 = greedy top-k; 1 = sample the k from pi over the beam
                                            # (exposures ~ pi_old, as GBPO assumes; greedy collapses)
-    bridge_host: str = "127.0.0.1"
-    bridge_port: int = 8311
-    api_token: str | None = None           # bearer token guarding the bridge; None = open (loopback default)
-    request_timeout_s: float = 5.0         # one replica call; after it the bridge retries another replica
     duration_s: float = 0.0                # `onerec run` length; 0 = until Ctrl-C
     micro_batch: int = 32                  # online learner step size in samples (train.batch_size is offline)
     max_batch_wait_s: float = 0.5          # train on a partial micro-batch after this long
@@ -55,7 +53,7 @@ class LoopConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"loop.{name} must be an integer >= 1, got {value!r}")
-        positive_floats = ("publish_every_s", "request_timeout_s", "max_batch_wait_s", "actor_num_cpus",
+        positive_floats = ("publish_every_s", "max_batch_wait_s", "actor_num_cpus",
                            "sim_users_per_s", "progress_every_s", "embedded_feedback_window_s")
         for name in positive_floats:
             if float(getattr(self, name)) <= 0:
@@ -67,12 +65,8 @@ class LoopConfig:
             raise ValueError(f"loop.sim_legacy_share must be in [0, 1], got {self.sim_legacy_share!r}")
         if self.top_k > self.beam_width:
             raise ValueError(f"loop.top_k ({self.top_k}) must be <= loop.beam_width ({self.beam_width})")
-        if not 0 <= self.bridge_port <= 65535:
-            raise ValueError(f"loop.bridge_port must be in 0..65535, got {self.bridge_port}")
         if not self.checkpoint_dir:
             raise ValueError("loop.checkpoint_dir must not be empty")
-        if self.api_token == "":
-            self.api_token = None
         if self.ray_address == "":
             self.ray_address = None
 

@@ -213,12 +213,12 @@ class Loop:
         views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
                           self.catalogue.duration_of)
         if self.experiment:
-            self.bridge = ServingBridge(cfg, views=views, arms=[s.name for s in self.arm_specs],
-                                        pools={name: arm.replicas for name, arm in self.arms.items()})
+            self.bridge = ServingBridge.from_config(cfg, views=views, arms=[s.name for s in self.arm_specs],
+                                                    pools={name: arm.replicas for name, arm in self.arms.items()})
         else:
-            self.bridge = ServingBridge(cfg, self.primary.replicas, views=views)
-        self.runner = await start_site(make_app(self.bridge), cfg.loop.bridge_host, cfg.loop.bridge_port)
-        self.url = f"http://{cfg.loop.bridge_host}:{bound_port(self.runner)}"
+            self.bridge = ServingBridge.from_config(cfg, self.primary.replicas, views=views)
+        self.runner = await start_site(make_app(self.bridge), cfg.serve.bridge_host, cfg.serve.bridge_port)
+        self.url = f"http://{cfg.serve.bridge_host}:{bound_port(self.runner)}"
         self._say(f"bridge: {self.url} (POST /recommend, GET /healthz, GET /version)")
 
     def _make_traffic(self):
@@ -226,7 +226,7 @@ class Loop:
             return self.traffic_factory(self)
         from simulator.traffic import SimulatedTraffic
 
-        return SimulatedTraffic(self.cfg, self.url, token=self.cfg.loop.api_token, seed=self.cfg.loop.seed)
+        return SimulatedTraffic(self.cfg, self.url, token=self.cfg.serve.api_token, seed=self.cfg.loop.seed)
 
     def _start_worker(self, overrides: list[str]) -> None:
         command = [sys.executable, "-m", "onerec.cli", "worker", *self.cli_args, "--no-create-topics",

@@ -96,7 +96,7 @@ async def bench(args) -> dict:
     cfg.stream.namespace = "bench"
     cfg.loop.checkpoint_dir = f"{workdir}/checkpoints"
     cfg.loop.init_from = ""
-    cfg.loop.bridge_port = 0
+    cfg.serve.bridge_port = 0
     cfg.loop.progress_every_s = 10.0
     loop = Loop(cfg, log_dir=f"{workdir}/logs", out=sys.stderr)
     await loop.start()

@@ -1,10 +1,13 @@
 """Model and training configuration: one table of presets (Table 5 of the report plus `tiny`).
 
-Invariant: `__post_init__` validates and derives, and is idempotent: `onerec.config` calls it again
-after every override, so a derived field (d_head, g_kv, embed_dim) follows its sources until the
-caller sets it to a value of their own.
+Invariant: a derived field (d_head, d_ff, g_kv, embed_dim) left None is filled from its sources
+when the config is constructed, and `__post_init__` validates; both happen once per construction
+(`onerec.config` merges preset, file and overrides first, then constructs) and calling it again
+changes nothing. `replace` re-derives a field whose value still equals its derivation from the
+old sources, so it follows them until the caller gives it a value of their own.
 
     cfg = ModelConfig.from_name("0.5B")
+    cfg = ModelConfig.from_name("tiny", d_model=128)     # overrides before the one construction
     cfg.n_params()              # analytic dense parameter count, without building the model
 
 Table 5 gives d_model, n_layers, n_heads and embed_dim; the rest is ours, chosen so that the
@@ -64,20 +67,11 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        derived = self.__dict__.setdefault("_derived", {})
-
-        def derive(name: str, value: int) -> None:
-            current = getattr(self, name)
-            if current is None or (name in derived and current == derived[name]):
-                setattr(self, name, value)
-                derived[name] = value
-
         for name in ("d_model", "n_layers", "n_heads"):
             _check_positive(name, getattr(self, name))
-        derive("d_head", self.d_model // self.n_heads)
-        derive("d_ff", 4 * self.d_model)
-        derive("g_kv", self.n_heads)
-        derive("embed_dim", max(8, round(self.d_model / 20)))
+        for name, value in self.derivations().items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("d_head", "d_ff", "g_kv", "l_kv", "embed_dim", "codebook_size", "max_short",
                      "profile_vocab", "item_hash_buckets", "n_duration_buckets", "n_play_buckets"):
             _check_positive(name, getattr(self, name))
@@ -105,6 +99,11 @@ class ModelConfig:
                 raise ValueError(f"first_dense_layers: {self.first_dense_layers} not in [0, {self.n_layers}]")
             if self.n_shared_experts < 0:
                 raise ValueError("n_shared_experts: must be >= 0")
+
+    def derivations(self) -> dict[str, int]:
+        """What each derived field is, computed from its sources (d_model, n_heads)."""
+        return {"d_head": self.d_model // self.n_heads, "d_ff": 4 * self.d_model, "g_kv": self.n_heads,
+                "embed_dim": max(8, round(self.d_model / 20))}
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -152,15 +151,16 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_name(cls, name: str) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """The preset `name` with `overrides` on top, constructed (derived and validated) once."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r} (known: {sorted(PRESETS)})")
-        return cls(name=name, **PRESETS[name])
+        return cls(**{"name": name, **PRESETS[name], **overrides})
 
     def replace(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed (derived fields re-derived unless given)."""
+        """A copy with some fields changed; a derived field equal to its derivation here is re-derived unless given."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, value in self.__dict__.get("_derived", {}).items():
+        for name, value in self.derivations().items():
             if values[name] == value:
                 values[name] = None
         values.update(changes)

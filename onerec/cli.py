@@ -1,5 +1,7 @@
 """`onerec`: one command line, one sub-command per job; each calls one function of the package that owns it.
 
+Invariant: a command's module is imported only when that command is parsed or runs, so `onerec --help`,
+`onerec broker` and `onerec topics` load neither torch nor Ray (tests/test_packaging.py checks it).
 Every sub-command takes `--config FILE.toml`, `--preset NAME` and repeated `--set section.key=value`.
 A module registered here provides `add_arguments(parser)` and `main(args, cfg) -> int`.
 """
@@ -24,16 +26,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every sub-command; only `command`'s module is imported to add its own arguments.
+
+    The others get the common options only: their arguments appear once they are the command parsed.
+    """
     parser = argparse.ArgumentParser(prog="onerec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="TOML file with [model], [train], [stream], [loop], [simulator] tables")
+        p.add_argument("--config", help="TOML file with [model], [train], [stream], [loop], [serve], [simulator], "
+                                        "[drift] tables")
         p.add_argument("--preset", help="model preset: tiny, 0.1B, 0.2B, 0.5B, 1B, 2B, 4B, 8B, 4B-A0.5B")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable)")
         p.set_defaults(_module=module_name)
+        if name != command:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:  # a command whose module is missing is a bug, say so
@@ -43,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command named in argv: its first word that is not an option (the top level has no valued options)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

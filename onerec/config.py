@@ -1,11 +1,15 @@
 """The one config object: every section in one dataclass, loadable from TOML, overridable on the CLI.
 
+Invariant: each section is constructed exactly once, from its merged values - the section's defaults
+(the model preset for `[model]`) < the TOML file's table < the `--set section.key=value` overrides -
+converted to the fields' types; so each section validates once and an error names `section.key`.
 Each package owns the dataclass of its own section (learner/config.py, streaming/config.py,
-actors/config.py (loop and drift), simulator/config.py); this module only composes them, so `learner`
-still imports nothing of the others.
+actors/config.py (loop and drift), serving_bridge/config.py, simulator/config.py); this module only
+composes them, so `learner` still imports nothing of the others. Nothing here imports torch or Ray.
 
     cfg = Config.from_name("tiny")                       # model preset from Table 5 or "tiny"
     cfg = Config.load("deploy.toml", overrides=["model.n_layers=4", "stream.bootstrap_servers=k:9092"])
+    cfg = Config.build("tiny", {"loop": {"n_replicas": 3}})
 """
 from __future__ import annotations
 
@@ -18,8 +22,16 @@ from typing import Any
 
 from actors.config import DriftConfig, LoopConfig
 from learner.config import ModelConfig, TrainConfig
+from serving_bridge.config import ServeConfig
 from simulator.config import SimulatorConfig
 from streaming.config import StreamConfig
+
+# section name -> its dataclass (the model's is built from its preset, see Config.build)
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "stream": StreamConfig, "loop": LoopConfig,
+                             "serve": ServeConfig, "simulator": SimulatorConfig, "drift": DriftConfig}
+# keys that moved to another section: naming the old one is an error that names the new one
+MOVED_KEYS: dict[str, str] = {f"loop.{key}": f"serve.{key}"
+                              for key in ("bridge_host", "bridge_port", "api_token", "request_timeout_s")}
 
 
 @dataclass
@@ -29,58 +41,84 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
 
     @classmethod
     def from_name(cls, preset: str) -> "Config":
-        return cls(preset=preset, model=ModelConfig.from_name(preset))
+        return cls.build(preset, {})
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None,
              preset: str | None = None) -> "Config":
         """Preset, then the TOML file's tables, then `section.key=value` overrides, in that order."""
-        data: dict[str, Any] = {}
+        tables: dict[str, Any] = {}
         if path is not None:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
-        name = preset or data.pop("preset", None) or "tiny"
-        data.pop("preset", None)
-        cfg = cls.from_name(name)
-        for section, values in data.items():
+                tables = tomllib.load(f)
+        file_preset = tables.pop("preset", None)
+        merged: dict[str, dict[str, Any]] = {}
+        for section, values in tables.items():
             if not isinstance(values, dict):
                 raise ValueError(f"config {path}: top-level key {section!r} must be a table like [{section}]")
             for key, value in values.items():
-                cfg.set(f"{section}.{key}", value)
+                _put(merged, f"{section}.{key}", value)
         for item in overrides or []:
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like section.key=value")
             key, raw = item.split("=", 1)
-            cfg.set(key.strip(), _parse_scalar(raw.strip()))
-        return cfg
+            _put(merged, key.strip(), _parse_scalar(raw.strip()))
+        return cls.build(preset or file_preset or "tiny", merged)
 
-    def set(self, dotted: str, value: Any) -> None:
-        """Set `section.key` to value, converting to the field's type; unknown names raise ValueError."""
-        section_name, _, key = dotted.partition(".")
-        if not key:
-            raise ValueError(f"config key {dotted!r} must be section.key (sections: {self.section_names()})")
-        if section_name not in self.section_names():
-            raise ValueError(f"unknown config section {section_name!r} (sections: {self.section_names()})")
-        section = getattr(self, section_name)
-        fields = {f.name: f for f in dataclasses.fields(section)}
-        if key not in fields:
-            raise ValueError(f"unknown config key {dotted!r} (known: {sorted(fields)})")
-        hints = typing.get_type_hints(type(section))
-        setattr(section, key, _coerce(value, hints[key], dotted))
-        if hasattr(section, "__post_init__"):
-            section.__post_init__()
+    @classmethod
+    def build(cls, preset: str, values: dict[str, dict[str, Any]]) -> "Config":
+        """Every section constructed once from its defaults overlaid with `values[section]` (checked, converted)."""
+        checked: dict[str, dict[str, Any]] = {}
+        for section, table in values.items():
+            for key, value in table.items():
+                _put(checked, f"{section}.{key}", value)
+        sections = {}
+        for name, section_type in SECTIONS.items():
+            hints = typing.get_type_hints(section_type)
+            kwargs = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in checked.get(name, {}).items()}
+            try:
+                sections[name] = (ModelConfig.from_name(preset, **kwargs) if name == "model"
+                                  else section_type(**kwargs))
+            except ValueError as exc:
+                raise ValueError(_naming_section(name, str(exc))) from None
+        return cls(preset=preset, **sections)
 
     @staticmethod
     def section_names() -> list[str]:
-        return ["model", "train", "stream", "loop", "simulator", "drift"]
+        return list(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _put(merged: dict[str, dict[str, Any]], dotted: str, value: Any) -> None:
+    """merged[section][key] = value, after checking that `section.key` names a field."""
+    section, _, key = dotted.partition(".")
+    if not key:
+        raise ValueError(f"config key {dotted!r} must be section.key (sections: {list(SECTIONS)})")
+    if dotted in MOVED_KEYS:
+        raise ValueError(f"config key {dotted!r} moved: it is now {MOVED_KEYS[dotted]!r}")
+    if section not in SECTIONS:
+        raise ValueError(f"unknown config section {section!r} (sections: {list(SECTIONS)})")
+    known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in known:
+        raise ValueError(f"unknown config key {dotted!r} (known: {sorted(known)})")
+    merged.setdefault(section, {})[key] = value
+
+
+def _naming_section(section: str, message: str) -> str:
+    """A section's validation message, prefixed with the section unless it already names it."""
+    if message.startswith(f"{section}."):
+        return message
+    if section == "model" and message.startswith("unknown model preset"):
+        return message
+    return f"{section}.{message}"
 
 
 def _parse_scalar(raw: str) -> Any:

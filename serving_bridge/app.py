@@ -6,7 +6,8 @@ Invariants:
   semantic id, duration and logprob, and `source: "onerec"` (the features the learner will see);
 - a replica that dies or times out is skipped and the request retried on another one, at most
   once per replica: a request fails only when no replica can answer it (503);
-- a bad request gets a 4xx whose body names the reason; it never reaches a replica.
+- a bad request gets a 4xx whose body names the reason; it never reaches a replica; the work a
+  request controls is capped by `[serve]` (`max_top_k`, `max_context_items`, 1 MiB of body).
 
 Why aiohttp rather than Ray Serve: Faust already brings aiohttp, the bridge is one small process
 whose hot path is one actor call plus one Kafka send on the same event loop (aiokafka), and it
@@ -17,7 +18,7 @@ API (JSON):
   POST /recommend  {user_id, context?, top_k?} -> {request_id, items: [{item_id, semantic_id, logprob}], model_version}
   GET  /healthz    -> {status, replicas}          (open, for probes)
   GET  /version    -> {model_version, replicas: {replica: version}}
-An optional bearer token (`loop.api_token`) guards /recommend and /version.
+An optional bearer token (`serve.api_token`) guards /recommend and /version.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from aiohttp import web
 from ray.exceptions import RayActorError, RayTaskError
 
 from learner.flags import flags_of
+from serving_bridge.config import ServeConfig
 from serving_bridge.pool import NoReplicaError, ReplicaPool  # noqa: F401 - ReplicaPool is part of the API
 from serving_bridge.routing import ArmNotServed, ArmRouter, BatchingPool
 from streaming import schemas
+from streaming.config import StreamConfig
 from streaming.topics import topic_name
 
 log = logging.getLogger(__name__)
@@ -73,14 +76,26 @@ class UserViews:
 
 
 class ServingBridge:
-    """State of one bridge process: replicas, user views, Kafka clients, counters."""
+    """State of one bridge process: replicas, user views, Kafka clients, counters.
 
-    def __init__(self, cfg, replicas=(), *, views: UserViews, arms: list[str] | None = None,
-                 pools: dict[str, list] | None = None, group_suffix: str | None = None):
-        """Single policy: `replicas`. A/B: `arms` (every arm of the experiment, in order) and `pools`
-        (arm -> replica handles, for the learned arms served here)."""
-        self.cfg = cfg
-        self.loop_cfg = cfg.loop
+    It is handed its own `[serve]` section, the `[stream]` it logs to, the beam it asks the replicas
+    for (`beam_width`, the default `top_k`, `temperature`) and its source of user views. Single
+    policy: `replicas`. A/B: `arms` (every arm of the experiment, in order) and `pools` (arm -> replica
+    handles, for the learned arms served here).
+    """
+
+    def __init__(self, serve: ServeConfig, stream: StreamConfig, replicas=(), *, views: UserViews, beam_width: int,
+                 top_k: int, temperature: float, arms: list[str] | None = None, pools: dict[str, list] | None = None,
+                 group_suffix: str | None = None):
+        self.serve = serve
+        self.stream = stream
+        self.beam_width = beam_width
+        self.max_top_k = min(serve.max_top_k, beam_width)
+        if not 1 <= top_k <= self.max_top_k:
+            raise ValueError(f"the default top_k {top_k} must be in [1, {self.max_top_k}] "
+                             f"(serve.max_top_k={serve.max_top_k}, beam_width={beam_width})")
+        self.default_top_k = top_k
+        self.temperature = temperature
         self.experiment = pools is not None
         arms = list(arms) if arms is not None else ["policy"]
         pools = pools if pools is not None else {arms[0]: list(replicas)}
@@ -88,9 +103,9 @@ class ServingBridge:
         self.pool = next(iter(self.pools.values()))          # the first arm's (the only one without A/B)
         self.router = ArmRouter(arms, {arm: self._batching(pool) for arm, pool in self.pools.items()})
         self.views = views
-        self.impressions_topic = topic_name(cfg.stream, "impressions")
-        self.feedback_topic = topic_name(cfg.stream, "feedback")
-        self.group_id = f"{cfg.stream.namespace}-bridge-{group_suffix or uuid.uuid4().hex[:8]}"
+        self.impressions_topic = topic_name(stream, "impressions")
+        self.feedback_topic = topic_name(stream, "feedback")
+        self.group_id = f"{stream.namespace}-bridge-{group_suffix or uuid.uuid4().hex[:8]}"
         self.producer = None
         self._feedback_task: asyncio.Task | None = None
         self.started_at = time.time()
@@ -99,11 +114,18 @@ class ServingBridge:
         self.latencies_ms: list[float] = []
         self.max_version_served = 0
 
+    @classmethod
+    def from_config(cls, cfg, replicas=(), *, views: UserViews, arms: list[str] | None = None,
+                    pools: dict[str, list] | None = None, group_suffix: str | None = None) -> "ServingBridge":
+        """The bridge of a composed `onerec.config.Config`: [serve], [stream] and the loop's beam."""
+        return cls(cfg.serve, cfg.stream, replicas, views=views, beam_width=cfg.loop.beam_width, top_k=cfg.loop.top_k,
+                   temperature=cfg.loop.explore_temperature, arms=arms, pools=pools, group_suffix=group_suffix)
+
     # ---- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         from aiokafka import AIOKafkaProducer
 
-        opts = self.cfg.stream.client_options()
+        opts = self.stream.client_options()
         self.producer = AIOKafkaProducer(bootstrap_servers=opts.pop("bootstrap_servers"), linger_ms=5,
                                          acks=1, **opts)
         await self.producer.start()
@@ -120,7 +142,7 @@ class ServingBridge:
         """Update the user views from the feedback topic (latest offsets: the view is a cache)."""
         from aiokafka import AIOKafkaConsumer
 
-        opts = self.cfg.stream.client_options()
+        opts = self.stream.client_options()
         consumer = AIOKafkaConsumer(self.feedback_topic, bootstrap_servers=opts.pop("bootstrap_servers"),
                                     group_id=self.group_id, auto_offset_reset="latest",
                                     enable_auto_commit=True, **opts)
@@ -145,12 +167,16 @@ class ServingBridge:
         user_id = body.get("user_id")
         if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id < 0:
             raise ValueError("user_id must be a non-negative integer")
-        top_k = body.get("top_k", self.loop_cfg.top_k)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.loop_cfg.beam_width:
-            raise ValueError(f"top_k must be an integer in [1, {self.loop_cfg.beam_width}]")
+        top_k = body.get("top_k", self.default_top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.max_top_k:
+            raise ValueError(f"top_k must be an integer in [1, {self.max_top_k}]")
         context = body.get("context")
         if context is not None:
             schemas.validate_context(context)
+            n_items = len(context["short"]["item_id"]) + len(context["long"]["item_id"])
+            if n_items > self.serve.max_context_items:
+                raise ValueError(f"context has {n_items} items (short + long); at most "
+                                 f"{self.serve.max_context_items} (serve.max_context_items)")
         return user_id, context, top_k
 
     async def recommend(self, user_id: int, context: dict | None, top_k: int) -> dict:
@@ -179,8 +205,8 @@ class ServingBridge:
         return {**answer, "arm": arm} if self.experiment else answer
 
     def _batching(self, pool: ReplicaPool) -> BatchingPool:
-        return BatchingPool(pool, beam_width=self.loop_cfg.beam_width, temperature=self.loop_cfg.explore_temperature,
-                            timeout_s=self.loop_cfg.request_timeout_s, batch_wait_s=BATCH_WAIT_S, max_batch=MAX_BATCH)
+        return BatchingPool(pool, beam_width=self.beam_width, temperature=self.temperature,
+                            timeout_s=self.serve.request_timeout_s, batch_wait_s=BATCH_WAIT_S, max_batch=MAX_BATCH)
 
     async def replica_versions(self) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
@@ -206,7 +232,7 @@ def _last_line(exc: Exception) -> str:
 
 
 def make_app(bridge: ServingBridge) -> web.Application:
-    token = bridge.loop_cfg.api_token
+    token = bridge.serve.api_token
 
     @web.middleware
     async def auth(request: web.Request, handler):

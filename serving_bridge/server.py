@@ -4,7 +4,7 @@ Invariant: the bridge only attaches: it finds the replicas `onerec run` started 
 `<namespace>-replica-<n>` in the Ray namespace `stream.namespace`) and never starts or stops them,
 so several bridges can front the same replicas (behind a load balancer) and restart independently.
 
-    onerec serve --set loop.ray_address=auto --set stream.bootstrap_servers=kafka-1:9092
+    onerec serve --set loop.ray_address=auto --set stream.bootstrap_servers=kafka-1:9092 --set serve.bridge_port=8311
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=None, help="listen port (default: loop.bridge_port)")
-    parser.add_argument("--host", default=None, help="listen address (default: loop.bridge_host)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default: serve.bridge_port)")
+    parser.add_argument("--host", default=None, help="listen address (default: serve.bridge_host)")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for replicas to appear")
 
 
@@ -51,7 +51,7 @@ async def serve(cfg, *, host: str, port: int, wait_s: float) -> int:
 
     views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
                       embedded.item_catalogue().duration_of)
-    bridge = ServingBridge(cfg, replicas, views=views)
+    bridge = ServingBridge.from_config(cfg, replicas, views=views)
     runner = await start_site(make_app(bridge), host, port)
     print(f"bridge: http://{host}:{bound_port(runner)} in front of {len(replicas)} replicas", flush=True)
     stop = asyncio.Event()
@@ -73,7 +73,7 @@ async def serve(cfg, *, host: str, port: int, wait_s: float) -> int:
 def main(args: argparse.Namespace, cfg) -> int:
     ray.init(address=cfg.loop.ray_address or "auto", namespace=cfg.stream.namespace, log_to_driver=False)
     try:
-        return asyncio.run(serve(cfg, host=args.host or cfg.loop.bridge_host,
-                                 port=cfg.loop.bridge_port if args.port is None else args.port, wait_s=args.wait))
+        return asyncio.run(serve(cfg, host=args.host or cfg.serve.bridge_host,
+                                 port=cfg.serve.bridge_port if args.port is None else args.port, wait_s=args.wait))
     finally:
         ray.shutdown()

@@ -1,7 +1,8 @@
 """The one place that reads the KuaiRand-Pure week shipped in `data/kuairand-pure/`.
 
-Invariant: nothing outside the repository is read; `ONEREC_DATA_DIR` may point at
-another folder with the same file names (for example a full KuaiRand download).
+Invariant: nothing outside the package data is read (`onerec_data.data_path`, so the installed wheel
+reads its own copy); `ONEREC_DATA_DIR` may point at another folder with the same file names (for
+example a full KuaiRand download).
 The files are CC BY-SA 4.0 (Gao et al., CIKM 2022); see data/kuairand-pure/README.md.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import orjson
 from learner import history
 from learner.catalogue import ItemCatalogue
 from learner.flags import FLAG_BITS
+from onerec_data import data_path
 
 LOG_FILE = "log_standard_2022-04-25_to_05-01.csv.gz"
 USER_FEATURES_FILE = "user_features_pure.csv.gz"
@@ -27,9 +29,9 @@ USER_HISTORY_FILE = "user_history_2022-04-09_to_04-24.jsonl.gz"
 
 
 def data_dir() -> Path:
-    """Folder holding the KuaiRand-Pure files (repo's `data/kuairand-pure/` unless overridden)."""
+    """Folder holding the KuaiRand-Pure files (the package data's `kuairand-pure/` unless overridden)."""
     env = os.environ.get("ONEREC_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "kuairand-pure"
+    path = Path(env) if env else data_path("kuairand-pure")
     if not (path / LOG_FILE).exists():
         raise FileNotFoundError(f"KuaiRand log not found: {path / LOG_FILE} (set ONEREC_DATA_DIR)")
     return path

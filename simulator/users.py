@@ -30,13 +30,14 @@ from safetensors.numpy import load_file, save_file
 
 from simulator import kuairand
 from learner.flags import flags_of
+from onerec_data import data_path
 from simulator.config import SimulatorConfig
 
 FLAG_NAMES = ("like", "follow", "comment", "forward", "dislike")
 # interface flag bits (docs/interfaces.md): 1 like, 2 follow, 4 comment, 8 forward, 16 collect, 32 dislike, 64 long view
 LICENCE = "derived from KuaiRand (Gao et al., CIKM 2022), CC BY-SA 4.0"
 
-_DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "data" / "simulator" / "kuairand_simulator.safetensors"
+_DEFAULT_PARAMS = data_path("simulator", "kuairand_simulator.safetensors")   # package data (data/simulator/)
 _PHI_GRID = np.linspace(-8.0, 8.0, 4001)
 _PHI_TABLE = np.array([0.5 * (1.0 + math.erf(x / math.sqrt(2.0))) for x in _PHI_GRID])
 

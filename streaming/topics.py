@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
-from pathlib import Path
 
+from onerec_data import data_path
 from streaming.config import StreamConfig
 
-TOPIC_SETTINGS = Path(__file__).resolve().parents[1] / "infra" / "topics.toml"
+TOPIC_SETTINGS = data_path("topics.toml", package="infra")   # package data of infra/, shipped in the wheel
 PUBLIC_TOPICS = ("impressions", "feedback", "samples", "dead-letters")
 INTERNAL_TOPICS = ("joined", "ticks")
 

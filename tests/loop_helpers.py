@@ -7,18 +7,14 @@ from simulator import kuairand
 from onerec.config import Config
 
 
-def loop_config(tmp_path, **loop_overrides) -> Config:
-    """The tiny preset with checkpoints under tmp_path and CPU-test-friendly cadences."""
-    cfg = Config.from_name("tiny")
-    if cfg.model.profile_fields != kuairand.PROFILE_FIELDS:   # contexts carry KuaiRand's profile fields
-        cfg.model = cfg.model.replace(profile_fields=kuairand.PROFILE_FIELDS)
-    cfg.loop.checkpoint_dir = str(tmp_path / "checkpoints")
-    cfg.loop.init_from = ""
-    cfg.train.device = "cpu"
-    for key, value in loop_overrides.items():
-        setattr(cfg.loop, key, value)
-    cfg.loop.__post_init__()
-    return cfg
+def loop_config(tmp_path, *, serve: dict | None = None, **loop_overrides) -> Config:
+    """The tiny preset with checkpoints under tmp_path and CPU-test-friendly cadences; `serve`: [serve] keys."""
+    return Config.build("tiny", {
+        "model": {"profile_fields": kuairand.PROFILE_FIELDS},   # contexts carry KuaiRand's profile fields
+        "loop": {"checkpoint_dir": str(tmp_path / "checkpoints"), "init_from": "", **loop_overrides},
+        "train": {"device": "cpu"},
+        "serve": serve or {},
+    })
 
 
 @lru_cache(maxsize=1)

@@ -84,7 +84,7 @@ def test_bridge_routes_users_to_their_arm_and_batches_requests(ray_session, stre
     pools = {"gbpo": replicas_with(cfg, 0), "sft": replicas_with(cfg, 1)}
     views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
                       embedded.item_catalogue().duration_of)
-    bridge = ServingBridge(cfg, views=views, arms=arms, pools=pools)
+    bridge = ServingBridge.from_config(cfg, views=views, arms=arms, pools=pools)
     users = [u for u in range(400) if arm_of(u, arms) != "oracle"][:24]
     fixed_user = next(u for u in range(400) if arm_of(u, arms) == "oracle")
 

@@ -173,7 +173,7 @@ def test_checkpoints_go_to_s3(monkeypatch):
 
 @pytest.mark.parametrize("field, value, message", [
     ("n_replicas", 0, "loop.n_replicas"), ("publish_every_s", 0.0, "loop.publish_every_s"),
-    ("top_k", 99, "loop.top_k"), ("bridge_port", 70000, "loop.bridge_port"), ("micro_batch", 1.5, "loop.micro_batch"),
+    ("top_k", 99, "loop.top_k"), ("micro_batch", 1.5, "loop.micro_batch"),
 ])
 def test_loop_config_rejects_bad_values_by_name(field, value, message):
     from actors.config import LoopConfig

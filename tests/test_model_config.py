@@ -23,19 +23,18 @@ def test_table5_shapes():
     assert cfg.d_context == cfg.d_model and cfg.codebook_size == 8192
 
 
-def test_derived_fields_follow_overrides_idempotently():
+def test_derived_fields_follow_their_sources():
     cfg = ModelConfig.from_name("tiny")
     assert cfg.d_head == 16 and cfg.g_kv == 4
-    cfg.n_heads = 8
-    cfg.__post_init__()
-    cfg.__post_init__()
+    cfg = cfg.replace(n_heads=8)
+    cfg.__post_init__()            # idempotent: validating again changes nothing
     assert cfg.d_head == 8 and cfg.g_kv == 8
-    cfg.g_kv = 2                   # an explicit value is kept
-    cfg.__post_init__()
-    cfg.d_model = 128
-    cfg.__post_init__()
+    cfg = cfg.replace(g_kv=2)      # an explicit value is kept
+    cfg = cfg.replace(d_model=128)
     assert cfg.g_kv == 2 and cfg.d_head == 16
     assert cfg.replace(n_heads=4).d_head == 32
+    assert ModelConfig.from_name("tiny", d_model=128, n_heads=8).d_head == 16   # overrides, then one construction
+    assert "_derived" not in vars(cfg)
 
 
 @pytest.mark.parametrize("changes,field", [
