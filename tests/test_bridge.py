@@ -56,10 +56,14 @@ def replicas(ray_session, tmp_path_factory):
         ray.kill(h)
 
 
+def warm_views(cfg) -> UserViews:
+    """The embedded world's views of its users (warm: pre-week histories) and catalogue durations."""
+    return UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
+                     embedded.item_catalogue().duration_of)
+
+
 async def with_bridge(cfg, handles, body):
-    views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
-                      embedded.item_catalogue().duration_of)
-    bridge = ServingBridge.from_config(cfg, handles, views=views)
+    bridge = ServingBridge.from_config(cfg, handles, views=warm_views(cfg))
     runner = await start_site(make_app(bridge), "127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{bound_port(runner)}") as session:
@@ -167,17 +171,20 @@ def test_dead_replica_is_skipped_without_losing_requests(ray_session, stream_con
 
 def test_serve_caps_bound_the_work_a_request_asks_for(tmp_path):
     """serve.max_top_k and serve.max_context_items reject a request before any replica sees it."""
-    context = ServingBridge.from_config(loop_config(tmp_path)).views.context(USER)   # a warm user's context
+    def bridge_of(cfg):
+        return ServingBridge.from_config(cfg, views=warm_views(cfg))
+
+    context = warm_views(loop_config(tmp_path)).context(USER)   # a warm user's context
     n_items = len(context["short"]["item_id"]) + len(context["long"]["item_id"])
     assert n_items >= 2
     caps = {"max_top_k": 3, "max_context_items": n_items - 1}
-    bridge = ServingBridge.from_config(loop_config(tmp_path, top_k=2, serve=caps))
+    bridge = bridge_of(loop_config(tmp_path, top_k=2, serve=caps))
     assert bridge.parse_request({"user_id": USER, "top_k": 3})[2] == 3
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 3\]"):
         bridge.parse_request({"user_id": USER, "top_k": 4})
     with pytest.raises(ValueError, match="serve.max_context_items"):
         bridge.parse_request({"user_id": USER, "context": context})
-    roomy = ServingBridge.from_config(loop_config(tmp_path, serve={"max_context_items": n_items}))
+    roomy = bridge_of(loop_config(tmp_path, serve={"max_context_items": n_items}))
     assert roomy.parse_request({"user_id": USER, "context": context})[1] is context
     with pytest.raises(ValueError, match="serve.max_top_k"):   # the loop's default top_k must fit the cap
-        ServingBridge.from_config(loop_config(tmp_path, top_k=4, serve={"max_top_k": 3}))
+        bridge_of(loop_config(tmp_path, top_k=4, serve={"max_top_k": 3}))
