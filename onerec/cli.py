@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("actors.driver", "run the whole loop on one machine (broker, Ray, Faust, learner, replicas, bridge, simulator)"),
+    "ab": ("actors.ab", "A/B arms (gbpo, ecpo, sft, gbpo-legacy, popular, random, oracle) under the same traffic"),
     "broker": ("infra.broker", "start the embedded Kafka-compatible broker (Tansu) and wait"),
     "topics": ("streaming.topics", "create the namespaced, co-partitioned topics on a cluster"),
     "worker": ("streaming.worker", "run the join worker: impressions + feedback into samples (batched or Faust engine)"),

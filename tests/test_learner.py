@@ -183,3 +183,27 @@ def test_loop_config_rejects_bad_values_by_name(field, value, message):
     cfg = LoopConfig()
     cfg.__post_init__()                  # idempotent: validating twice changes nothing
     assert cfg == LoopConfig()
+
+
+def test_an_arms_learner_trains_only_on_its_own_arms_samples(tmp_path, stream_config):
+    """A/B: samples carry their impression's arm; arm `a`'s learner takes `a`'s and the arm-less ones
+    (the legacy traffic of a plain run), never `b`'s, and counts what it skipped."""
+    ensure_topics(stream_config, kinds=("samples",))
+    cfg = loop_config(tmp_path, micro_batch=8, max_batch_wait_s=0.3, consumer_group=f"arms-{uuid.uuid4().hex[:6]}")
+    cfg.stream = stream_config
+    tok = tokenizer(cfg.model.codebook_size)
+    samples = make_samples(30, tok, seed=2)
+    arms = ["a" if i % 3 == 0 else "b" if i % 3 == 1 else None for i in range(len(samples))]
+    for sample, arm in zip(samples, arms):
+        if arm is not None:
+            sample["arm"] = arm
+    produce(stream_config, [schemas.encode_sample(s) for s in samples])
+    learner = OnlineLearner.from_config(cfg, tokenizer=tok, arm="a")
+    try:
+        run_until(learner)
+        trained = set(learner.trained_keys)
+        want = {(s["request_id"], s["item_id"]) for s, arm in zip(samples, arms) if arm in ("a", None)}
+        assert trained == want
+        assert learner.counters()["other_arm"] == arms.count("b")
+    finally:
+        learner.close()
