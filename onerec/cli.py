@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("streaming.worker", "run the join worker: impressions + feedback into samples (batched or Faust engine)"),
     "replay": ("simulator.replay", "publish a KuaiRand log as impressions and feedback in time order"),
     "pretrain": ("offline.pretrain", "train a model on the KuaiRand week for a bounded time and print recommendations"),
-    "serve": ("serving_bridge.server", "run the HTTP bridge in front of serving replicas"),
+    "serve": ("actors.serve", "run the HTTP bridge in front of serving replicas"),
     "eval": ("offline.evaluate", "offline evaluation: `eval sequences FILE` or `eval replay LOG`"),
     "simulator": ("simulator.fit", "fit the KuaiRand user simulator and check it against the log"),
     "drift": ("actors.drift", "print the drift table per weight version and write its plot"),
