@@ -8,4 +8,4 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-pytest_plugins = ["tests.fixtures_broker", "tests.fixtures_ray"]
+pytest_plugins = ["tests.fixtures_broker", "tests.fixtures_ray", "tests.fixtures_hygiene"]

@@ -14,6 +14,7 @@ def loop_config(tmp_path, *, serve: dict | None = None, **loop_overrides) -> Con
         "loop": {"checkpoint_dir": str(tmp_path / "checkpoints"), "init_from": "", **loop_overrides},
         "train": {"device": "cpu"},
         "serve": serve or {},
+        "drift": {"log_path": str(tmp_path / "drift.jsonl")},   # never the user's runs/drift.jsonl
     })
 
 
