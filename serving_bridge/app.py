@@ -23,6 +23,7 @@ An optional bearer token (`serve.api_token`) guards /recommend and /version.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -233,11 +234,13 @@ def _last_line(exc: Exception) -> str:
 
 def make_app(bridge: ServingBridge) -> web.Application:
     token = bridge.serve.api_token
+    expected = f"Bearer {token}".encode() if token is not None else b""
 
     @web.middleware
     async def auth(request: web.Request, handler):
         if token is not None and request.path != "/healthz":
-            if request.headers.get("Authorization", "") != f"Bearer {token}":
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):   # constant time: no timing oracle on the token
                 return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         return await handler(request)
 
