@@ -29,8 +29,43 @@ class SimulatorConfig:
     tol_dislike_rate_rel: float = 0.5       # dislikes are rare (79 in the week): within 50 %
     fit_check_rows: int = 100_000           # log rows replayed through the simulator when checking
 
+    # ---- the World (simulator/world.py, sessions.py): fixed before any policy runs, never tuned to a policy
+    world_path: str = ""                    # "" = data/simulator/kuairand_world.safetensors
+    world_dim: int = 16                     # latent taste dimensions of the response model
+    world_epochs: int = 3                   # passes over the fit rows (1-3 minutes of CPU)
+    world_drift_rate: float = 0.01          # taste moves this share toward a long-viewed video's vector
+    # Patience (units of "one fully unsatisfying video"): falls per video by fatigue + (1 - satisfaction),
+    # and by the repetition and dislike costs; the session ends when it reaches 0. 8 units at the log's
+    # mean satisfaction gives sessions of about a dozen videos.
+    world_patience: float = 8.0
+    world_fatigue: float = 0.25             # every video costs this much, however good (sessions end)
+    world_repeat_cost: float = 2.0          # the same video again within the user's recent history
+    world_crowd_cost: float = 1.0           # too many near-identical videos in the recent window
+    world_crowd_window: int = 10            # recent videos of the session compared with the new one
+    world_crowd_max: int = 3                # "too many": more than this many within the distance threshold
+    world_dislike_cost: float = 3.0
+    # Return gap after a session: exponential with mean gap_max * (gap_min/gap_max) ** satisfaction.
+    world_gap_max_h: float = 8.0            # mean gap after a session that satisfied nothing
+    world_gap_min_h: float = 1.0            # mean gap after a fully satisfying session
+    world_page_overhead_s: float = 1.0      # swipe time per shown video on the simulated clock
+    world_clock_speedup: float = 3600.0     # simulated seconds per wall second in a paced (online) run
+
     def __post_init__(self) -> None:
         if self.relevance_window < 1:
             raise ValueError(f"simulator.relevance_window must be >= 1, got {self.relevance_window}")
         if self.short_len < 1 or self.long_len < 0:
             raise ValueError("simulator.short_len must be >= 1 and simulator.long_len >= 0")
+        for name in ("world_dim", "world_epochs", "world_crowd_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"simulator.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("world_patience", "world_gap_max_h", "world_gap_min_h", "world_clock_speedup"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"simulator.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("world_fatigue", "world_repeat_cost", "world_crowd_cost", "world_dislike_cost",
+                     "world_page_overhead_s", "world_crowd_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"simulator.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.world_drift_rate < 1:
+            raise ValueError(f"simulator.world_drift_rate must be in [0, 1), got {self.world_drift_rate}")
+        if self.world_gap_min_h > self.world_gap_max_h:
+            raise ValueError("simulator.world_gap_min_h must be <= simulator.world_gap_max_h")

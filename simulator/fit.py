@@ -5,6 +5,7 @@ Invariant: the fitted artifact reproduces the log it was fitted on within Simula
 
     onerec simulator                      # fit on data/kuairand-pure/, check, write data/simulator/...
     onerec simulator --check-only         # check the shipped artifact
+    onerec simulator fit | check [LOG] --json | arena ...   # the World (simulator/world_cli.py)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from simulator import kuairand
 from simulator.config import SimulatorConfig
+from simulator.world_cli import add_world_commands, run_world_command
 from simulator.users import FLAG_NAMES, SimulatorParams, UserSimulator, default_params_path
 
 # Duration bucket edges in seconds: roughly doubling (log-scale, as F(d) in report sec. 3.1.1) so each
@@ -235,10 +237,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: simulator.params_path, else data/simulator/kuairand_simulator.safetensors)")
     parser.add_argument("--check-only", action="store_true", help="check the existing parameters, do not refit")
     parser.add_argument("--json", action="store_true", help="print the check report as one JSON object")
+    add_world_commands(parser)
 
 
 def main(args: argparse.Namespace, cfg) -> int:
     sim_cfg: SimulatorConfig = cfg.simulator
+    if getattr(args, "world_action", None):
+        return run_world_command(args, sim_cfg)
     out = Path(args.out or sim_cfg.params_path or default_params_path())
     log = kuairand.read_log()
     if not args.check_only:

@@ -54,6 +54,7 @@ class ImpressionLog:
     is_hate: np.ndarray
     long_view: np.ndarray
     tab: np.ndarray
+    date: np.ndarray         # int64 (N,) yyyymmdd, the log's own `date` column (UTC+8 calendar day if absent)
 
     def __len__(self) -> int:
         return int(self.user_id.shape[0])
@@ -65,7 +66,7 @@ class ImpressionLog:
         return ImpressionLog(**{k: getattr(self, k)[index] for k in self.__dataclass_fields__})
 
 
-_INT_COLUMNS = [f for f in ImpressionLog.__dataclass_fields__]
+_INT_COLUMNS = [f for f in ImpressionLog.__dataclass_fields__ if f != "date"]
 
 
 def read_log(path: str | Path | None = None, limit: int | None = None) -> ImpressionLog:
@@ -92,17 +93,41 @@ def _read_log(path: Path, limit: int | None) -> ImpressionLog:
         missing = [c for c in _INT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing columns {missing}")
+        has_date = "date" in (reader.fieldnames or [])
+        dates: list[int] = []
         for n, row in enumerate(reader):
             if limit is not None and n >= limit:
                 break
             try:
                 for c in _INT_COLUMNS:
                     cols[c].append(int(float(row[c])))
+                if has_date:
+                    dates.append(int(row["date"]))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{path}: row {n + 2}: bad value ({exc})") from None
     arrays = {c: np.asarray(v, dtype=np.int64) for c, v in cols.items()}
+    arrays["date"] = np.asarray(dates, dtype=np.int64) if has_date else _utc8_dates(arrays["time_ms"])
     order = np.argsort(arrays["time_ms"], kind="stable")
     return ImpressionLog(**{c: a[order] for c, a in arrays.items()})
+
+
+def _utc8_dates(time_ms: np.ndarray) -> np.ndarray:
+    """yyyymmdd of each epoch-ms time in UTC+8 (Beijing), KuaiRand's calendar."""
+    days = (np.asarray(time_ms, dtype=np.int64) // 1000 + 8 * 3600) // 86400
+    dt = days.astype("datetime64[D]").astype(str)
+    return np.asarray([int(d.replace("-", "")) for d in dt], dtype=np.int64)
+
+
+def split_last_day(log: ImpressionLog) -> tuple[ImpressionLog, ImpressionLog]:
+    """(rows of every day but the last, rows of the last day) by the log's `date`; time order kept.
+
+    The world is fitted on the first part and checked on the second (data it was not fitted on).
+    """
+    days = np.unique(log.date)
+    if len(days) < 2:
+        raise ValueError(f"log spans {len(days)} day(s); need >= 2 to hold the last one back")
+    last = log.date == days[-1]
+    return log.take(np.flatnonzero(~last)), log.take(np.flatnonzero(last))
 
 
 @lru_cache(maxsize=1)
