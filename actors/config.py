@@ -34,11 +34,6 @@ class LoopConfig:
     learner_num_gpus: float = 0.0          # >0 puts the learner on a GPU (bf16 autocast)
     replica_num_gpus: float = 0.0
     actor_num_cpus: float = 0.5            # logical CPUs per actor; small so the loop fits 2 cores
-    sim_users_per_s: float = 20.0          # simulated traffic: recommendation requests per second
-    sim_users: int = 200                   # simulated users drawn from KuaiRand (few, so they come back)
-    sim_concurrency: int = 4               # requests in flight from the simulator
-    sim_legacy_share: float = 0.5          # share of simulated requests served by a legacy (popularity)
-                                           # pipeline and logged as source "legacy", as in OneRec's traffic
     embedded_feedback_window_s: float = 2.0  # `onerec run` on the embedded broker: simulated users answer
                                            # at once, so the join closes windows after 2 s, not 30 s
     join_worker: bool = True               # `onerec run` starts `onerec worker`; false when cluster nodes run theirs
@@ -47,22 +42,19 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         positive_ints = ("n_replicas", "replicas_per_arm", "publish_every_steps", "checkpoint_every_steps", "checkpoints_kept", "versions_kept",
-                         "beam_width", "top_k", "micro_batch", "sim_users",
-                         "sim_concurrency")
+                         "beam_width", "top_k", "micro_batch")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"loop.{name} must be an integer >= 1, got {value!r}")
         positive_floats = ("publish_every_s", "max_batch_wait_s", "actor_num_cpus",
-                           "sim_users_per_s", "progress_every_s", "embedded_feedback_window_s")
+                           "progress_every_s", "embedded_feedback_window_s")
         for name in positive_floats:
             if float(getattr(self, name)) <= 0:
                 raise ValueError(f"loop.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("duration_s", "learner_num_gpus", "replica_num_gpus", "explore_temperature"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"loop.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 <= float(self.sim_legacy_share) <= 1.0:
-            raise ValueError(f"loop.sim_legacy_share must be in [0, 1], got {self.sim_legacy_share!r}")
         if self.top_k > self.beam_width:
             raise ValueError(f"loop.top_k ({self.top_k}) must be <= loop.beam_width ({self.beam_width})")
         if not self.checkpoint_dir:

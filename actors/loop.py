@@ -224,9 +224,10 @@ class Loop:
     def _make_traffic(self):
         if self.traffic_factory is not None:
             return self.traffic_factory(self)
-        from simulator.traffic import SimulatedTraffic
+        from simulator.traffic import WorldTraffic
 
-        return SimulatedTraffic(self.cfg, self.url, token=self.cfg.serve.api_token, seed=self.cfg.loop.seed)
+        return WorldTraffic(self.cfg, self.url, arms=[s.name for s in self.arm_specs], token=self.cfg.serve.api_token,
+                            experiment=self.experiment)
 
     def _start_worker(self, overrides: list[str]) -> None:
         command = [sys.executable, "-m", "onerec.cli", "worker", *self.cli_args, "--no-create-topics",

@@ -117,7 +117,7 @@ async def bench(args) -> dict:
             "bridge_p50_ms": round(percentile(latencies, 50), 2), "bridge_p99_ms": round(percentile(latencies, 99), 2),
             "requests_per_s": round(n / args.load_s, 1), "clients": args.clients,
             "replica_p50_ms": round(percentile(direct, 50), 2), "replica_p99_ms": round(percentile(direct, 99), 2),
-            "simulated_requests_per_s": cfg.loop.sim_users_per_s, "publish_every_s": cfg.loop.publish_every_s}
+            "simulated_concurrency": cfg.simulator.concurrency, "publish_every_s": cfg.loop.publish_every_s}
 
 
 def main() -> None:

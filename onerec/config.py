@@ -30,8 +30,11 @@ from streaming.config import StreamConfig
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "stream": StreamConfig, "loop": LoopConfig,
                              "serve": ServeConfig, "simulator": SimulatorConfig, "drift": DriftConfig}
 # keys that moved to another section: naming the old one is an error that names the new one
-MOVED_KEYS: dict[str, str] = {f"loop.{key}": f"serve.{key}"
-                              for key in ("bridge_host", "bridge_port", "api_token", "request_timeout_s")}
+MOVED_KEYS: dict[str, str] = {
+    **{f"loop.{key}": f"serve.{key}" for key in ("bridge_host", "bridge_port", "api_token", "request_timeout_s")},
+    "loop.sim_users": "simulator.users", "loop.sim_concurrency": "simulator.concurrency",
+    "loop.sim_legacy_share": "simulator.legacy_share",
+    "loop.sim_users_per_s": "simulator.concurrency (the World's clock runs as fast as pages are served)"}
 
 
 @dataclass

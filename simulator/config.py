@@ -29,6 +29,13 @@ class SimulatorConfig:
     tol_dislike_rate_rel: float = 0.5       # dislikes are rare (79 in the week): within 50 %
     fit_check_rows: int = 100_000           # log rows replayed through the simulator when checking
 
+    # ---- the traffic of the running loop (simulator/traffic.py)
+    users: int = 200                        # simulated users drawn from the World (few, so they come back)
+    ab_users: int = 700                     # `onerec ab` / bench/ab.py: users over all arms (100 per arm for 7)
+    concurrency: int = 4                    # pages in flight; the simulated clock runs as fast as they are served
+    legacy_share: float = 0.5               # share of pages served by the legacy popularity pipeline and logged
+                                            # as source "legacy", as in OneRec's traffic (the same in every arm)
+
     # ---- the World (simulator/world.py, sessions.py): fixed before any policy runs, never tuned to a policy
     world_path: str = ""                    # "" = data/simulator/kuairand_world.safetensors
     world_dim: int = 16                     # latent taste dimensions of the response model
@@ -55,6 +62,11 @@ class SimulatorConfig:
             raise ValueError(f"simulator.relevance_window must be >= 1, got {self.relevance_window}")
         if self.short_len < 1 or self.long_len < 0:
             raise ValueError("simulator.short_len must be >= 1 and simulator.long_len >= 0")
+        for name in ("users", "ab_users", "concurrency"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"simulator.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.legacy_share) <= 1.0:
+            raise ValueError(f"simulator.legacy_share must be in [0, 1], got {self.legacy_share!r}")
         for name in ("world_dim", "world_epochs", "world_crowd_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"simulator.{name} must be >= 1, got {getattr(self, name)}")

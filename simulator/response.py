@@ -37,12 +37,13 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from learner.flags import LONG_VIEW_S
+from onerec_data import data_path
 from simulator.users import normal_cdf
 
 HEADS = ("play", "long_view", "like", "follow", "comment", "forward", "dislike")
 FLAG_HEADS = ("like", "follow", "comment", "forward", "dislike")
 LICENCE = "derived from KuaiRand (Gao et al., CIKM 2022), CC BY-SA 4.0"
-_DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "simulator" / "kuairand_world.safetensors"
+_DEFAULT_PATH = data_path("simulator", "kuairand_world.safetensors")   # package data: shipped in the wheel
 _GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(24)   # nodes for E over a standard normal
 _GH_W = _GH_W / _GH_W.sum()
 

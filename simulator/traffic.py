@@ -194,6 +194,13 @@ class WorldTraffic:
                 counts["play_time_ms"] += int(1000 * event["play_time_s"])
         self.last_feedback_at[answer["request_id"]] = time.time()
 
+    async def watch(self, user: int, answer: dict) -> list[dict]:
+        """The user watches an answer the caller got from the bridge itself (bench/loop.py's probes)."""
+        t = max(self.ledger.max_t, 0.0)
+        responses = self.world.respond(user, [int(it["item_id"]) for it in answer["items"]], t)
+        await self._feedback(user, answer, responses)
+        return responses
+
     # ---- what it measured ----------------------------------------------------------------------
     def days(self) -> float:
         return max(self.ledger.max_t / DAY_S, 1e-9)

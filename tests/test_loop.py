@@ -46,8 +46,10 @@ def read_impressions(stream_cfg, limit: int = 5000) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_closed_loop(tmp_path, ray_session, stream_config):
     cfg = loop_config(tmp_path, micro_batch=16, publish_every_steps=3, publish_every_s=1.5,
-                      checkpoint_every_steps=5, sim_users_per_s=12.0, sim_users=50,
-                      sim_concurrency=3, progress_every_s=5.0, serve={"bridge_port": 0, "request_timeout_s": 10.0})
+                      checkpoint_every_steps=5, progress_every_s=5.0,
+                      serve={"bridge_port": 0, "request_timeout_s": 10.0})
+    cfg.simulator.users = 50
+    cfg.simulator.concurrency = 3
     cfg.stream = stream_config
     cfg.stream.idle_close_s = 1.0
     loop = Loop(cfg, log_dir=str(tmp_path / "logs"), manage_ray=False)
