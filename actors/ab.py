@@ -15,6 +15,7 @@ the report's format (+x.xxx%, Tables 6 and 7) with its interval.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import logging
@@ -63,6 +64,8 @@ def run_ab(cfg, specs, *, duration_s: float, cli_args=(), log_dir: str = "runs/l
     from simulator.traffic import WorldTraffic
 
     names = [s.name for s in specs]
+    cfg = dataclasses.replace(cfg, simulator=dataclasses.replace(
+        cfg.simulator, users=cfg.simulator.ab_users, concurrency=cfg.simulator.ab_concurrency))
 
     def traffic(loop: Loop) -> WorldTraffic:
         return WorldTraffic(loop.cfg, loop.url, arms=names, token=loop.cfg.serve.api_token, experiment=True)

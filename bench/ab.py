@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=900.0, help="wall seconds of traffic (<= 1200)")
     parser.add_argument("--arms", default=",".join(DEFAULT_AB_ARMS))
-    parser.add_argument("--users", type=int, default=None, help="simulated users in all (default simulator.ab_users)")
+    parser.add_argument("--users", type=int, default=None, help="simulated users over all arms (simulator.ab_users)")
     parser.add_argument("--out", default=None, help="folder for ab.json and ab.png (default: a temp folder)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
@@ -55,9 +55,10 @@ def main() -> None:
     overrides = [f"stream.bootstrap_servers=127.0.0.1:{free_port()}", "stream.namespace=benchab",
                  f"loop.checkpoint_dir={workdir}/checkpoints", "loop.init_from=", "serve.bridge_port=0",
                  "loop.progress_every_s=30", f"drift.log_path={workdir}/drift.jsonl", *args.set]
+    if args.users:
+        overrides.append(f"simulator.ab_users={args.users}")
     cfg = Config.load(overrides=overrides)
-    users = args.users or cfg.simulator.ab_users
-    cfg = Config.load(overrides=[*overrides, f"simulator.users={users}"])
+    users = cfg.simulator.ab_users
     specs = parse_arms(args.arms, require_sft=True)
     start = time.monotonic()
     report = run_ab(cfg, specs, duration_s=args.duration, log_dir=f"{workdir}/logs", out=sys.stderr)

@@ -33,6 +33,7 @@ class SimulatorConfig:
     users: int = 200                        # simulated users drawn from the World (few, so they come back)
     ab_users: int = 700                     # `onerec ab` / bench/ab.py: users over all arms (100 per arm for 7)
     concurrency: int = 4                    # pages in flight; the simulated clock runs as fast as they are served
+    ab_concurrency: int = 16                # `onerec ab`: pages in flight over all arms (the bridge batches per arm)
     legacy_share: float = 0.5               # share of pages served by the legacy popularity pipeline and logged
                                             # as source "legacy", as in OneRec's traffic (the same in every arm)
 
@@ -62,7 +63,7 @@ class SimulatorConfig:
             raise ValueError(f"simulator.relevance_window must be >= 1, got {self.relevance_window}")
         if self.short_len < 1 or self.long_len < 0:
             raise ValueError("simulator.short_len must be >= 1 and simulator.long_len >= 0")
-        for name in ("users", "ab_users", "concurrency"):
+        for name in ("users", "ab_users", "concurrency", "ab_concurrency"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"simulator.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= float(self.legacy_share) <= 1.0:

@@ -67,6 +67,7 @@ class WorldTraffic:
         self.legacy_requests = 0
         self.by_version: dict[int, Counter] = {}
         self.last_feedback_at: dict[str, float] = {}              # request_id -> when its feedback was sent
+        self.diagnostics: dict[str, Counter] = {}                 # arm -> the oracle's view of its own pages
         self.started = time.monotonic()
         self.producer = None
 
@@ -118,6 +119,8 @@ class WorldTraffic:
                 self.population.after_page(user, [], t + 1.0)
                 return
         items = [int(it["item_id"]) for it in answer["items"]]
+        if answer["pipeline"] != "legacy":
+            self._diagnose(arm, user, items)
         responses = self.world.respond(user, items, t)
         await self._feedback(user, answer, responses)
         self.ledger.record(arm, user, t, responses, items, new_session=new_session)
@@ -147,6 +150,20 @@ class WorldTraffic:
         version = int(answer["model_version"])
         self.by_version.setdefault(version, Counter())["requests"] += 1
         return {**answer, "pipeline": "policy"}
+
+    def _diagnose(self, arm: str, user: int, items: list[int]) -> None:
+        """The oracle's view of a page before the user sees it: the expected play of what the arm served
+        against the best the world knows for that user now, and how much of it the user saw recently."""
+        d = self.diagnostics.setdefault(arm, Counter())
+        expected = self.world.expected(user, items)["play_time_s"]
+        best = self.world.expected(user, self.world.oracle_top_k(user, len(items)))["play_time_s"]
+        recent = self.world.state(user).recent_count
+        rows = self.world._rows_of_items(items)
+        d["pages"] += 1
+        d["videos"] += len(items)
+        d["expected_play_s"] += float(expected.sum())
+        d["oracle_expected_play_s"] += float(best.sum())
+        d["repeats"] += sum(recent.get(int(r), 0) > 0 for r in rows)
 
     def _legacy_items(self) -> list[int]:
         return [int(i) for i in self.rng.choice(self.world.item_ids, size=self.cfg.loop.top_k, replace=False,
@@ -221,6 +238,11 @@ class WorldTraffic:
                 arm[f"{key}_all_pages"] = arm[key]
                 arm[key] = mine.get(key)
             arm["own_videos"] = mine.get("videos", 0)
+            d = self.diagnostics.get(name)
+            if d and d["videos"]:
+                arm["oracle_view"] = {"expected_play_per_video_s": d["expected_play_s"] / d["videos"],
+                                      "oracle_expected_play_per_video_s": d["oracle_expected_play_s"] / d["videos"],
+                                      "repeat_share": d["repeats"] / d["videos"]}
         everything["pages"] = dict(self.stats)
         everything["simulated_days"] = self.days()
         return everything
