@@ -12,13 +12,13 @@ A step whose loss is not finite is skipped (no backward, no optimizer step) and 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from learner.features import ContextBatch
 from learner.losses import ecpo_loss, gbpo_loss
+from learner.ops import precision
 
 ALGORITHMS = ("gbpo", "ecpo", "sft")
 
@@ -98,11 +98,8 @@ def rl_term(logp: torch.Tensor, batch: StepBatch, weights: StepWeights) -> tuple
 
 
 def autocast_for(device: torch.device | str):
-    """bf16 autocast on CUDA; on CPU none (the caller decides per CPU capability, see learner.ops)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere: `learner.ops.precision` decides."""
+    return precision.autocast_for(device)
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, batch: StepBatch, *, weights: StepWeights,
