@@ -17,6 +17,7 @@ from learner.config import ModelConfig
 from learner.context import ContextKV, ContextProcessor
 from learner.features import ContextBatch
 from learner.moe import MoEFeedForward, SwiGLU
+from learner.ops.rows import RMSNorm
 # `attention` and `ATTN_IMPLS` are re-exported for the callers that import them from here (baselines)
 from learner.ops.attention import ATTN_IMPLS, attention, cached_self_attention, cross_attention  # noqa: F401
 
@@ -29,13 +30,13 @@ class LazyBlock(nn.Module):
         super().__init__()
         d, da = cfg.d_model, cfg.d_attn
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
-        self.norm_cross = nn.RMSNorm(d, eps=1e-6)
+        self.norm_cross = RMSNorm(d, eps=1e-6)
         self.cross_q = nn.Linear(d, da, bias=False)
         self.cross_o = nn.Linear(da, d, bias=False)
-        self.norm_self = nn.RMSNorm(d, eps=1e-6)
+        self.norm_self = RMSNorm(d, eps=1e-6)
         self.self_qkv = nn.Linear(d, 3 * da, bias=False)
         self.self_o = nn.Linear(da, d, bias=False)
-        self.norm_ffn = nn.RMSNorm(d, eps=1e-6)
+        self.norm_ffn = RMSNorm(d, eps=1e-6)
         self.ffn = MoEFeedForward(cfg) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.d_ff)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -68,7 +69,7 @@ class SemanticIdModel(nn.Module):
         self.attn_impl = "sdpa"
         k = cfg.codebook_size
         self.token_emb = nn.Embedding(1 + 2 * k, cfg.d_model)   # rows: BOS, s1 (K), s2 (K)   eq. (5)
-        self.out_norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=1e-6) for _ in range(3))
+        self.out_norms = nn.ModuleList(RMSNorm(cfg.d_model, eps=1e-6) for _ in range(3))
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, k, bias=False) for _ in range(3))
 
     def input_tokens(self, prefix: torch.Tensor, start: int) -> torch.Tensor:
