@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags of native bf16 on x86
+
+
+def os_has_cpuinfo() -> bool:
+    return os.path.exists("/proc/cpuinfo")
 
 
 @functools.cache
