@@ -1,5 +1,8 @@
 """Throughput of one learner worker, its MFU, and data-parallel scaling on CPU (issue 14, item 5).
 
+(Issue 14 calls it bench/learner.py; a file of that name in bench/ would shadow the `learner` package
+for every script in bench/, which run with bench/ first on sys.path.)
+
 Prints ONE JSON object, every figure from this run:
 - `matmul_gflops`: a large fp32 matmul (2048^3) at the step's thread count, measured just before and
   after each batch size (the larger counts): the peak the step is held to.
@@ -16,19 +19,15 @@ Prints ONE JSON object, every figure from this run:
 Targets: step_mfu >= 0.30 at batch 256; scaling efficiency >= 0.8. The machine is shared: figures
 are medians of timed steps after a warm-up, and still noisy.
 
-    python bench/learner.py                 # ~5-7 minutes on 2 cores
-    python bench/learner.py --quick         # fewer steps, batch 32 and 256 only
-    python bench/learner.py --shape d_model=128,n_heads=4     # another model shape beside tiny
+    python bench/learner_throughput.py                 # ~5-7 minutes on 2 cores
+    python bench/learner_throughput.py --quick         # fewer steps, batch 32 and 256 only
+    python bench/learner_throughput.py --shape d_model=128,n_heads=4     # another model shape beside tiny
 """
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: spinning OpenMP threads stall each other
-# this file is named like the package it measures: drop bench/ from the path so `learner` is the package
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
