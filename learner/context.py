@@ -17,6 +17,7 @@ from torch import nn
 
 from learner.config import N_FLAG_VALUES, N_ITEM_FEATURES, N_RECENCY_BUCKETS, ModelConfig
 from learner.features import ContextBatch
+from learner.ops.rows import RMSNorm, gather_rows
 
 
 class ContextKV(list):
@@ -65,14 +66,39 @@ class ContextEmbedder(nn.Module):
         self.register_buffer("level_offset", torch.arange(3) * (k + 1), persistent=False)
         self.register_buffer("field_offset", torch.arange(cfg.profile_fields) * cfg.profile_vocab,
                              persistent=False)
+        # the 9 item features' rows in one stacked table: one gather, no concatenation of 9 look-ups
+        sizes = [t.num_embeddings for t in self.stacked_tables()]
+        start = [sum(sizes[:i]) for i in range(len(sizes))]         # first row of each table
+        offsets = [start[0], start[1], start[1] + k + 1, start[1] + 2 * (k + 1), *start[2:]]   # (9,)
+        self.register_buffer("feature_offset", torch.tensor(offsets), persistent=False)
 
-    def forward(self, ctx: ContextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked_tables(self) -> tuple[nn.Embedding, ...]:
+        """The item-feature tables in the order `item_table` stacks them."""
+        return (self.item_hash, self.semantic, self.duration, self.play, self.flags, self.segment, self.recency)
+
+    def item_table(self) -> torch.Tensor:
+        """(R, e): the rows of every item-feature table, stacked (R = sum of the 7 tables' rows)."""
+        return torch.cat([t.weight for t in self.stacked_tables()])
+
+    def item_features(self, ctx: ContextBatch) -> torch.Tensor:
+        """(B, T, 9e): the item's 9 feature embeddings side by side (hash, s1, s2, s3, duration, play,
+        flags, segment, recency), gathered from the stacked table in one call."""
+        b, t = ctx.mask.shape
+        index = torch.cat([ctx.item_hash[..., None], ctx.semantic_ids, ctx.duration_bucket[..., None],
+                           ctx.play_bucket[..., None], ctx.flags[..., None], ctx.segment[..., None],
+                           recency_bucket(ctx)[..., None]], dim=-1) + self.feature_offset    # (B, T, 9)
+        return gather_rows(self.item_table(), index).view(b, t, N_ITEM_FEATURES * self.cfg.embed_dim)
+
+    def item_features_reference(self, ctx: ContextBatch) -> torch.Tensor:
+        """What `item_features` computes, one look-up per feature (the definition, for tests)."""
         b, t = ctx.mask.shape
         sem = self.semantic(ctx.semantic_ids + self.level_offset).reshape(b, t, 3 * self.cfg.embed_dim)  # (B, T, 3e)
-        feats = torch.cat([self.item_hash(ctx.item_hash), sem, self.duration(ctx.duration_bucket),
-                           self.play(ctx.play_bucket), self.flags(ctx.flags), self.segment(ctx.segment),
-                           self.recency(recency_bucket(ctx))], dim=-1)              # (B, T, 9e)
-        items = self.item_proj(feats)                                                # (B, T, d_out)
+        return torch.cat([self.item_hash(ctx.item_hash), sem, self.duration(ctx.duration_bucket),
+                          self.play(ctx.play_bucket), self.flags(ctx.flags), self.segment(ctx.segment),
+                          self.recency(recency_bucket(ctx))], dim=-1)                  # (B, T, 9e)
+
+    def forward(self, ctx: ContextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        items = self.item_proj(self.item_features(ctx))                              # (B, T, d_out)
         prof = self.profile_proj(self.profile(ctx.profile + self.field_offset))     # (B, P, d_out)
         tokens = torch.cat([prof, items], dim=1)                                     # (B, N, d_out)
         mask = torch.cat([torch.ones_like(ctx.profile, dtype=torch.bool), ctx.mask], dim=1)
@@ -87,8 +113,8 @@ class ContextProcessor(nn.Module):
         self.cfg = cfg
         self.embed = ContextEmbedder(cfg, cfg.d_context)
         width = cfg.g_kv * cfg.d_head
-        self.k_norms = nn.ModuleList(nn.RMSNorm(width, eps=1e-6) for _ in range(cfg.l_kv))
-        self.v_norms = nn.ModuleList(nn.RMSNorm(width, eps=1e-6) for _ in range(cfg.l_kv if cfg.s_kv == 2 else 0))
+        self.k_norms = nn.ModuleList(RMSNorm(width, eps=1e-6) for _ in range(cfg.l_kv))
+        self.v_norms = nn.ModuleList(RMSNorm(width, eps=1e-6) for _ in range(cfg.l_kv if cfg.s_kv == 2 else 0))
 
     def forward(self, ctx: ContextBatch) -> ContextKV:
         cfg = self.cfg

@@ -11,6 +11,7 @@ separate (`profile (B, P)`); the context processor puts them first.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -90,9 +91,56 @@ def build_context_batch(contexts: list[dict], tokenizer: "SemanticTokenizer", cf
 
     Items the tokenizer does not know get the semantic id `codebook_size` (an "unknown" row) at every
     level; their hashed id embedding still carries them.
+
+    The columns are built by array operations over the whole batch (`_columns_vectorized`: no Python
+    loop per item); a batch that fails any of its checks is handed to the per-sample reference
+    (`_columns_reference`), which raises the ValueError naming the field (or, when only a dropped old
+    item was bad, builds the same columns).
     """
     if not isinstance(contexts, (list, tuple)) or not contexts:
         raise ValueError("contexts: expected a non-empty list of user-context dicts")
+    columns = _columns_vectorized(contexts, cfg)
+    if columns is None:
+        columns = _columns_reference(contexts, cfg)
+    return _assemble(columns, tokenizer, cfg)
+
+
+def build_context_batch_reference(contexts: list[dict], tokenizer: "SemanticTokenizer",
+                                  cfg: ModelConfig) -> ContextBatch:
+    """The per-sample definition of `build_context_batch` (tests check the two are equal)."""
+    if not isinstance(contexts, (list, tuple)) or not contexts:
+        raise ValueError("contexts: expected a non-empty list of user-context dicts")
+    return _assemble(_columns_reference(contexts, cfg), tokenizer, cfg)
+
+
+def _assemble(columns: tuple, tokenizer: "SemanticTokenizer", cfg: ModelConfig) -> ContextBatch:
+    """(profile (B, P), cols {key: (B, T)}, segment (B, T), mask (B, T)) -> the tensors of a ContextBatch."""
+    profile, cols, segment, mask = columns
+    b, t = mask.shape
+    if tokenizer.codebook_sizes and max(tokenizer.codebook_sizes) > cfg.codebook_size:
+        raise ValueError(f"tokenizer: codebook sizes {tokenizer.codebook_sizes} exceed "
+                         f"ModelConfig.codebook_size {cfg.codebook_size}")
+    codes, known = tokenizer.lookup(cols["item_id"].reshape(-1))
+    codes = np.where(known[:, None], codes, cfg.codebook_size).reshape(b, t, 3)
+    codes[~mask] = 0
+    batch = ContextBatch(
+        profile=torch.from_numpy(profile),
+        item_hash=torch.from_numpy(cols["item_id"] % cfg.item_hash_buckets),
+        semantic_ids=torch.from_numpy(np.ascontiguousarray(codes)),
+        duration_bucket=torch.from_numpy(duration_bucket(cols["duration_s"], cfg.n_duration_buckets) * mask),
+        play_bucket=torch.from_numpy(duration_bucket(cols["play_time_s"], cfg.n_play_buckets) * mask),
+        flags=torch.from_numpy(cols["flags"]),
+        segment=torch.from_numpy(segment),
+        mask=torch.from_numpy(mask),
+    )
+    if cfg.profile_fields == 0 and not mask.any(axis=1).all():
+        row = int(np.flatnonzero(~mask.any(axis=1))[0])
+        raise ValueError(f"contexts[{row}]: empty context (no profile fields and no behaviour items)")
+    return batch
+
+
+def _columns_reference(contexts: Sequence, cfg: ModelConfig) -> tuple:
+    """Per sample: validate each context (errors name the field), then copy it into padded columns."""
     parsed = [_parse_context(c, f"contexts[{n}]", cfg) for n, c in enumerate(contexts)]
     b = len(parsed)
     s_len = max(len(p["short"]["item_id"]) for p in parsed)
@@ -110,26 +158,89 @@ def build_context_batch(contexts: list[dict], tokenizer: "SemanticTokenizer", cf
             for k in SEQUENCE_KEYS:
                 cols[k][row, start:start + n] = part[k]
             mask[row, start:start + n] = True
-    codes, known = tokenizer.lookup(cols["item_id"].reshape(-1))
-    codes = np.where(known[:, None], codes, cfg.codebook_size).reshape(b, t, 3)
-    codes[~mask] = 0
-    if tokenizer.codebook_sizes and max(tokenizer.codebook_sizes) > cfg.codebook_size:
-        raise ValueError(f"tokenizer: codebook sizes {tokenizer.codebook_sizes} exceed "
-                         f"ModelConfig.codebook_size {cfg.codebook_size}")
-    batch = ContextBatch(
-        profile=torch.from_numpy(profile),
-        item_hash=torch.from_numpy(cols["item_id"] % cfg.item_hash_buckets),
-        semantic_ids=torch.from_numpy(np.ascontiguousarray(codes)),
-        duration_bucket=torch.from_numpy(duration_bucket(cols["duration_s"], cfg.n_duration_buckets) * mask),
-        play_bucket=torch.from_numpy(duration_bucket(cols["play_time_s"], cfg.n_play_buckets) * mask),
-        flags=torch.from_numpy(cols["flags"]),
-        segment=torch.from_numpy(segment),
-        mask=torch.from_numpy(mask),
-    )
-    if cfg.profile_fields == 0 and not mask.any(axis=1).all():
-        row = int(np.flatnonzero(~mask.any(axis=1))[0])
-        raise ValueError(f"contexts[{row}]: empty context (no profile fields and no behaviour items)")
-    return batch
+    return profile, cols, segment, mask
+
+
+def _columns_vectorized(contexts: Sequence, cfg: ModelConfig) -> tuple | None:
+    """The columns of `_columns_reference` by whole-batch array operations, or None when any check
+    fails (the reference then names the field). Per context only the dict and list look-ups run in
+    Python; per item, C loops only (map, chain, numpy)."""
+    try:
+        if not all(type(c) is dict for c in contexts):
+            return None
+        profiles = [c["profile"] for c in contexts]
+        segments = [_segment_vectorized([c[seg] for c in contexts], keep)
+                    for seg, keep in (("short", cfg.max_short), ("long", cfg.max_long))]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    b = len(contexts)
+    if any(s is None for s in segments) or not all(type(p) in (list, tuple) for p in profiles):
+        return None
+    if not all(len(p) == cfg.profile_fields for p in profiles) or not _only_ints(chain.from_iterable(profiles)):
+        return None
+    try:
+        profile = np.array(profiles, dtype=np.int64).reshape(b, cfg.profile_fields)
+    except (ValueError, OverflowError):
+        return None
+    if profile.size and (profile.min() < 0 or profile.max() >= cfg.profile_vocab):
+        return None
+    (s_vals, s_rows, s_pos, s_kept), (l_vals, l_rows, l_pos, l_kept) = segments
+    if cfg.profile_fields == 0 and not ((s_kept > 0) | (l_kept > 0)).all():
+        return None
+    s_len, l_len = int(s_kept.max()), int(l_kept.max())
+    t = s_len + l_len
+    cols = {k: np.zeros((b, t), dtype=np.float64 if k.endswith("_s") else np.int64) for k in SEQUENCE_KEYS}
+    for k in SEQUENCE_KEYS:
+        cols[k][s_rows, s_pos] = s_vals[k]
+        cols[k][l_rows, s_len + l_pos] = l_vals[k]
+    segment = np.zeros((b, t), dtype=np.int64)
+    segment[:, s_len:] = 1
+    mask = np.zeros((b, t), dtype=bool)
+    mask[s_rows, s_pos] = True
+    mask[l_rows, s_len + l_pos] = True
+    return profile, cols, segment, mask
+
+
+def _segment_vectorized(parts: list, keep: int) -> tuple | None:
+    """One segment ("short" or "long") of every context -> (kept values {key: (M,)}, row (M,),
+    position in the row (M,), kept length per context (B,)), the newest `keep` items; None when a
+    check fails."""
+    if not all(type(p) is dict for p in parts):
+        return None
+    lists = {k: [p[k] for p in parts] for k in SEQUENCE_KEYS}
+    if not all(type(x) in (list, tuple) for xs in lists.values() for x in xs):
+        return None
+    lengths = np.fromiter(map(len, lists["item_id"]), dtype=np.int64, count=len(parts))
+    for k in SEQUENCE_KEYS[1:]:
+        if not np.array_equal(np.fromiter(map(len, lists[k]), dtype=np.int64, count=len(parts)), lengths):
+            return None
+    kept = np.minimum(lengths, keep)                                     # (B,)
+    rows = np.repeat(np.arange(len(parts)), lengths)                     # (total,)
+    ends = np.cumsum(lengths)
+    pos = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths) - np.repeat(lengths - kept, lengths)
+    take = pos >= 0                                                      # the newest `keep` of each row
+    values = {}
+    for k in SEQUENCE_KEYS:
+        flat = list(chain.from_iterable(lists[k]))
+        if k in ("item_id", "flags"):
+            if not _only_ints(flat):
+                return None
+            v = np.array(flat, dtype=np.int64)[take]
+            if v.size and (v.min() < 0 or (k == "flags" and v.max() >= N_FLAG_VALUES)):
+                return None
+        else:
+            if not all(issubclass(tp, (int, float)) and tp is not bool for tp in set(map(type, flat))):
+                return None
+            v = np.array(flat, dtype=np.float64)[take]
+            if v.size and not (np.isfinite(v).all() and v.min() >= 0):
+                return None
+        values[k] = v
+    return values, rows[take], pos[take], kept
+
+
+def _only_ints(values) -> bool:
+    """Every value an int (Python or numpy), none a bool: what `_is_int` accepts, checked per type."""
+    return all(issubclass(tp, (int, np.integer)) and tp is not bool for tp in set(map(type, values)))
 
 
 def _parse_context(ctx: Any, where: str, cfg: ModelConfig) -> dict:

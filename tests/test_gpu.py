@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from learner.beam import beam_search
 from learner.config import ModelConfig
 from learner.features import build_context_batch
-from learner import model as model_module
-from learner.model import LazyDecoder, causal_self_attention, decode_self_attention
+from learner.model import LazyDecoder
+from learner.ops import attention as model_module  # the dispatch and the decode kernel's thresholds
+from learner.ops import causal_self_attention, decode_self_attention
 from learner.quant import (FP8, FP8_MAX, Fp8Rule, QuantizedLinear, quantize_model, quantize_rows_fused,
                            quantize_rows_reference)
 from learner.synthetic import random_catalogue, random_context

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from learner.config import ModelConfig
-from learner.features import build_context_batch
+from dataclasses import fields
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.features import _columns_vectorized, build_context_batch, build_context_batch_reference
 from learner.synthetic import random_catalogue, random_context
 from tests.model_fixtures import one_thread  # noqa: F401  (autouse)
 
@@ -93,3 +98,47 @@ def test_check_rejects_tensor_mismatches(catalogue):
     with pytest.raises(ValueError, match="item_hash"):
         batch.check(CFG)
     assert isinstance(batch.to("cpu").profile, torch.Tensor)
+
+
+def assert_batches_equal(a, b):
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert x.dtype == y.dtype and torch.equal(x, y), f.name
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 6), max_short=st.integers(1, 5), max_long=st.integers(0, 6), profile_fields=st.integers(0, 3),
+       unknown=st.booleans(), numpy_ints=st.booleans(), seed=st.integers(0, 10_000))
+def test_vectorized_featurizer_equals_the_per_sample_reference(catalogue, b, max_short, max_long, profile_fields,
+                                                               unknown, numpy_ints, seed):
+    """Random lengths (some over the limits: truncation), items unknown to the tokenizer, numpy ints."""
+    item_ids, _, tok = catalogue
+    cfg = CFG.replace(max_short=max_short, max_long=max_long, profile_fields=profile_fields)
+    rng = np.random.default_rng(seed)
+    contexts = [random_context(rng, cfg, item_ids, n_short=int(rng.integers(1, max_short + 3)),
+                               n_long=int(rng.integers(0, max_long + 3))) for _ in range(b)]
+    if unknown:
+        contexts[0]["short"]["item_id"][-1] = 10**9
+    if numpy_ints:
+        contexts[-1]["short"]["item_id"] = [np.int64(v) for v in contexts[-1]["short"]["item_id"]]
+        contexts[-1]["long"]["duration_s"] = [int(v) for v in contexts[-1]["long"]["duration_s"]]
+    assert _columns_vectorized(contexts, cfg) is not None                      # the fast path took them
+    assert_batches_equal(build_context_batch(contexts, tok, cfg), build_context_batch_reference(contexts, tok, cfg))
+
+
+def test_bad_value_in_a_dropped_old_item_is_ignored_as_by_the_reference(catalogue):
+    item_ids, _, tok = catalogue
+    ctx = random_context(np.random.default_rng(1), CFG, item_ids, n_short=CFG.max_short + 2, n_long=2)
+    ctx["short"]["flags"][0] = 999                                             # dropped by truncation
+    assert _columns_vectorized([ctx], CFG) is not None                         # ranges: kept items only
+    assert_batches_equal(build_context_batch([ctx], tok, CFG), build_context_batch_reference([ctx], tok, CFG))
+
+
+@pytest.mark.parametrize("value", [True, 2.0, "3", None])
+def test_non_int_item_ids_leave_the_fast_path_and_name_the_field(catalogue, value):
+    item_ids, _, tok = catalogue
+    ctx = random_context(np.random.default_rng(2), CFG, item_ids, n_short=3, n_long=1)
+    ctx["long"]["item_id"][0] = value
+    assert _columns_vectorized([ctx], CFG) is None
+    with pytest.raises(ValueError, match=r"contexts\[0\]\.long\.item_id\[0\]"):
+        build_context_batch([ctx], tok, CFG)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from learner.config import ModelConfig
 from learner.features import build_context_batch
-from learner.model import LazyDecoder, causal_self_attention, cross_attention
+from learner.model import LazyDecoder
+from learner.ops import causal_self_attention, cross_attention
 from learner.synthetic import random_catalogue, random_context
 from tests.model_fixtures import one_thread  # noqa: F401  (autouse)
 
