@@ -216,9 +216,34 @@ TABLE5_PARAMS: dict[str, float] = {"0.1B": 0.1e9, "0.2B": 0.2e9, "0.5B": 0.5e9, 
                                    "4B": 4e9, "8B": 8e9, "4B-A0.5B": 4e9}
 
 
+# Table 5's learning rate per preset; tiny (ours, not in the table) keeps 1e-3
+PRESET_LR: dict[str, float] = {"tiny": 1e-3, "0.1B": 5.00e-4, "0.2B": 3.54e-4, "0.5B": 2.24e-4, "1B": 1.58e-4,
+                               "2B": 1.12e-4, "4B": 7.91e-5, "8B": 5.59e-5, "4B-A0.5B": 2.24e-4}
+RL_LEVELS = ("token", "item")
+RL_NORMALIZATIONS = ("group", "active")
+
+
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3                 # tiny model; Table 5 presets use 5e-4 ... 5.6e-5
+    """Training knobs. The loss is `sft_weight * L_Gen + rl_weight * RL` (section 3):
+
+    - `sft_weight`, `rl_weight`: the relative weight of L_Gen (eq. 10, mean over tokens and rows)
+      and the RL term. With `rl_normalization = "group"` the RL term is eq. 11's 1/G sum over the
+      batch, so at ratio 1 it is -(positives - dislikes) / G: rl_weight = 1 gives a positive row
+      the same weight as L_Gen gives one row.
+    - `rl_level`: token (default) | item, see learner.losses for the numbers behind the default.
+    - `rl_normalization`: group (default, eq. 11) | active (mean over the rows with A != 0).
+    - `tau_window`: tau_B (sec. 3.1.1) is the top-quartile threshold of the last `tau_window` q
+      values this learner saw (the current micro-batch included), not of one micro-batch.
+    - `gen_on_dislikes`: false (default) leaves disliked exposures out of L_Gen, which would
+      otherwise push up the tokens of an item the RL term pushes down (L_Gen's per-token gradient
+      1 - p beats GBPO's BCE-bounded p / (1 - p) for every p < 0.5).
+    - `lr`: None = the preset's Table 5 rate (`PRESET_LR`), reached by a linear warm-up over
+      `warmup_steps` optimizer steps (`lr_at`).
+    """
+
+    lr: float | None = None          # None: PRESET_LR[model preset] (Table 5; tiny 1e-3)
+    warmup_steps: int = 100          # linear warm-up from lr / warmup_steps to lr
     batch_size: int = 64
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -229,6 +254,10 @@ class TrainConfig:
                                      # "w/o OneRec samples") | onerec; L_Gen always sees every exposure
     ecpo_eps: float = 0.2            # ECPO clip (eq. 13)
     ecpo_delta: float = 0.1          # ECPO early-clip margin (eq. 14)
+    rl_level: str = "token"          # token | item: where the ratio and bound of eqs. 11-14 apply
+    rl_normalization: str = "group"  # group (eq. 11's 1/G over the batch) | active (rows with A != 0)
+    tau_window: int = 512            # q values tau_B is the top quartile of (rolling, per learner)
+    gen_on_dislikes: bool = False    # True: L_Gen also trains on disliked exposures
     device: str = "auto"             # auto | cpu | cuda
     seed: int = 0
 
@@ -237,8 +266,16 @@ class TrainConfig:
             raise ValueError(f"algorithm: must be gbpo, ecpo or sft, got {self.algorithm!r}")
         if self.rl_on not in ("all", "legacy", "onerec"):
             raise ValueError(f"rl_on: must be all, legacy or onerec, got {self.rl_on!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr: must be > 0 (or unset for the preset's Table 5 rate), got {self.lr}")
+        if self.rl_level not in RL_LEVELS:
+            raise ValueError(f"rl_level: must be one of {RL_LEVELS}, got {self.rl_level!r}")
+        if self.rl_normalization not in RL_NORMALIZATIONS:
+            raise ValueError(f"rl_normalization: must be one of {RL_NORMALIZATIONS}, got {self.rl_normalization!r}")
+        for name in ("warmup_steps", "tau_window"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "tau_window" else 0):
+                raise ValueError(f"{name}: must be an int >= {1 if name == 'tau_window' else 0}, "
+                                 f"got {getattr(self, name)!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size: must be a positive int, got {self.batch_size!r}")
         for name in ("weight_decay", "grad_clip", "sft_weight", "rl_weight", "ecpo_eps", "ecpo_delta"):
@@ -246,6 +283,22 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def base_lr(self, preset: str) -> float:
+        """`lr` if set, else Table 5's rate of the model preset (PRESET_LR); unknown preset: an error."""
+        if self.lr is not None:
+            return self.lr
+        if preset not in PRESET_LR:
+            raise ValueError(f"lr: no Table 5 rate for model preset {preset!r} (known: {sorted(PRESET_LR)}); "
+                             f"set train.lr")
+        return PRESET_LR[preset]
+
+    def lr_at(self, step: int, preset: str) -> float:
+        """The rate of optimizer step `step` (0-based): base_lr * min(1, (step + 1) / warmup_steps)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        base = self.base_lr(preset)
+        return base if self.warmup_steps == 0 else base * min(1.0, (step + 1) / self.warmup_steps)
 
     def resolve_device(self) -> str:
         if self.device != "auto":

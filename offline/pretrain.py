@@ -110,7 +110,7 @@ def main(args, cfg) -> int:
 
     model = LazyDecoder(model_cfg).to(device).train()
     weights = StepWeights.from_train(train_cfg, algorithm="sft")   # L_Gen only (eq. 10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.base_lr(model_cfg.name), weight_decay=train_cfg.weight_decay)
     stats: collections.Counter = collections.Counter(
         {"rows": 0, "pairs": 0, "requests": 0, "skipped_not_watched": 0, "skipped_item_not_in_catalogue": 0})
     passes = collections.Counter()

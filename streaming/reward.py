@@ -60,14 +60,21 @@ def engagement_score(history_play_times, play_time):
     return out if out.shape else np.float64(out)
 
 
-def advantages(q, dislike, top_fraction: float = 0.25):
+def advantages(q, dislike, top_fraction: float = 0.25, tau: float | None = None):
     """A = +1 where q > tau_B and not disliked, -1 where disliked, 0 elsewhere (no normalization).
 
-    tau_B = quantile(q, 1 - top_fraction) over the batch, linear interpolation (numpy's default).
+    tau_B = `tau` when given (the learner's rolling window, `tau_threshold`), else
+    quantile(q, 1 - top_fraction) over these q, linear interpolation (numpy's default).
+    Ties: q == tau_B is NOT positive (the report's strict >). q is a percentile rank over a short
+    history, so many samples share q = 1; counting ties would make the "top quartile" as large as
+    the tie mass (every sample when all q are 1), while the strict rule keeps positives at most
+    `top_fraction` of the q tau_B was taken over. A single q with no window is its own tau: 0 positives.
     q must be finite: samples without feedback have no q and must be filtered out by the caller.
     """
     if not 0 < top_fraction < 1:
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction!r}")
+    if tau is not None and not math.isfinite(tau):
+        raise ValueError(f"tau must be finite, got {tau!r}")
     if isinstance(q, torch.Tensor):
         q_t = q.reshape(-1)
         dis = torch.as_tensor(dislike, device=q.device).reshape(-1).to(torch.bool)
@@ -78,7 +85,8 @@ def advantages(q, dislike, top_fraction: float = 0.25):
         if not bool(torch.isfinite(q_t).all()):
             raise ValueError("q must be finite (drop samples without feedback first)")
         qf = q_t.to(torch.float64)
-        tau = torch.quantile(qf, 1.0 - top_fraction, interpolation="linear")
+        if tau is None:
+            tau = torch.quantile(qf, 1.0 - top_fraction, interpolation="linear")
         adv = torch.where(dis, -1.0, torch.where(qf > tau, 1.0, 0.0)).to(torch.float64)
         return adv.to(q.dtype if q.is_floating_point() else torch.float32).reshape(q.shape)
     q_a = np.asarray(q, dtype=np.float64)
@@ -89,5 +97,18 @@ def advantages(q, dislike, top_fraction: float = 0.25):
         raise ValueError(f"q and dislike must have the same shape, got {q_a.shape} and {dis.shape}")
     if not np.isfinite(q_a).all():
         raise ValueError("q must be finite (drop samples without feedback first)")
-    tau = np.quantile(q_a, 1.0 - top_fraction)
+    if tau is None:
+        tau = np.quantile(q_a, 1.0 - top_fraction)
     return np.where(dis, -1.0, np.where(q_a > tau, 1.0, 0.0))
+
+
+def tau_threshold(q_window, top_fraction: float = 0.25) -> float:
+    """tau_B over a window of q values: quantile(q, 1 - top_fraction), linear; the caller's window."""
+    if not 0 < top_fraction < 1:
+        raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction!r}")
+    q_a = np.asarray(q_window, dtype=np.float64).reshape(-1)
+    if q_a.size == 0:
+        raise ValueError("tau_threshold needs at least one q")
+    if not np.isfinite(q_a).all():
+        raise ValueError("q must be finite (drop samples without feedback first)")
+    return float(np.quantile(q_a, 1.0 - top_fraction))

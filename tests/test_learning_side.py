@@ -5,7 +5,7 @@ import torch
 
 from actors.learning import PolicyLearner
 from learner.config import ModelConfig, TrainConfig
-from learner.step import gen_and_logprob, rl_term
+from learner.step import rl_term, token_logprobs
 from learner.synthetic import random_catalogue, random_context
 from tests.model_fixtures import one_thread  # noqa: F401  (autouse)
 
@@ -45,13 +45,16 @@ def side_for(tok, **train):
 def test_rl_term_gradient_is_the_closed_form(world, algorithm):
     """d RL / d log pi on the rows with A != 0, fed with the logged log-probabilities and advantages."""
     item_ids, tok = world
-    side = side_for(tok, algorithm=algorithm)
+    side = side_for(tok, algorithm=algorithm, rl_level="item", rl_normalization="active")
     batch = side._batch(samples_for(item_ids, tok))
-    _, logp = gen_and_logprob(side.model, batch.ctx, batch.target)
-    logp.retain_grad()
-    rl, rows = rl_term(logp, batch, side.weights)
+    picked = token_logprobs(side.model, batch.ctx, batch.target)       # (B, 3)
+    picked.retain_grad()
+    logp = picked.sum(-1)                                             # log pi; item level: each token gets d/d log pi
+    rl, rows = rl_term(picked, batch, side.weights)
     assert len(rows) > 0 and set(rows.tolist()) == set(torch.nonzero(batch.adv).flatten().tolist())
     rl.backward()
+    torch.testing.assert_close(picked.grad, picked.grad[:, :1].expand_as(picked.grad))
+    grad = picked.grad[:, 0]
     lp, adv = logp.detach()[rows], batch.adv[rows]
     old = torch.where(torch.isnan(batch.logp_old[rows]), lp, batch.logp_old[rows])
     if algorithm == "gbpo":   # eq. 12: pi'_old = max(pi_old, sg(pi)) for A >= 0, max(pi_old, 1 - sg(pi)) for A < 0
@@ -62,10 +65,10 @@ def test_rl_term_gradient_is_the_closed_form(world, algorithm):
         ratio = torch.exp(lp - torch.maximum(lp - np.log1p(0.3), old))
         inside = ((ratio >= 0.8) & (ratio <= 1.2)) | ((adv > 0) & (ratio < 0.8)) | ((adv < 0) & (ratio > 1.2))
         expect = torch.where(inside, -adv * ratio, torch.zeros_like(ratio)) / len(rows)
-    torch.testing.assert_close(logp.grad[rows], expect, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad[rows], expect, rtol=1e-4, atol=1e-7)
     others = torch.ones(len(logp), dtype=torch.bool)
     others[rows] = False
-    assert torch.all(logp.grad[others] == 0)
+    assert torch.all(grad[others] == 0)
 
 
 @pytest.mark.parametrize("algorithm", ["gbpo", "ecpo", "sft"])

@@ -1,8 +1,8 @@
 """learner.step.train_step: one forward per step, L_Gen and log pi from it, and the RL term's gradient.
 
-The RL test reads the gradient that reaches log pi: log pi = sum of the 3 levels' log-probabilities
-is a branch of its own (L_Gen reads the per-level log-probabilities), so all of it comes from the RL
-term, and dropping the term from the loss leaves none.
+The RL tests read the gradient that reaches the per-token log-probabilities with L_Gen weighted 0,
+so all of it comes from the RL term; at item level each of a row's 3 tokens receives d RL / d log pi
+(log pi is their sum), and dropping the term from the loss leaves none.
 """
 import math
 
@@ -43,18 +43,25 @@ def model_and_optimizer(seed=0):
 
 
 def record_logp_grad(monkeypatch) -> dict:
-    """Wrap the step's forward to keep log pi and the gradient that reaches it."""
+    """Wrap the step's forward to keep log pi (sum of the tokens') and the gradient on each token."""
     seen = {}
-    real = step_module.gen_and_logprob
+    real = step_module.token_logprobs
 
     def recording(model, ctx, target):
-        gen, logp = real(model, ctx, target)
-        seen["logp"] = logp.detach().clone()
-        logp.register_hook(lambda g: seen.__setitem__("grad", g.detach().clone()))
-        return gen, logp
+        picked = real(model, ctx, target)                              # (B, 3)
+        seen["logp"] = picked.detach().sum(-1).clone()
+        picked.register_hook(lambda g: seen.__setitem__("tokens_grad", g.detach().clone()))
+        return picked
 
-    monkeypatch.setattr(step_module, "gen_and_logprob", recording)
+    monkeypatch.setattr(step_module, "token_logprobs", recording)
     return seen
+
+
+def item_grad(seen) -> torch.Tensor:
+    """d RL / d log pi at item level: the same on each of a row's 3 tokens (checked), returned (B,)."""
+    grad = seen["tokens_grad"]
+    torch.testing.assert_close(grad, grad[:, :1].expand_as(grad))
+    return grad[:, 0]
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "gbpo", "ecpo"])
@@ -96,7 +103,7 @@ def test_gbpo_gradient_on_log_pi_is_the_closed_form(catalogue, monkeypatch):
     model, opt = model_and_optimizer()
     adv = torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5, 0.0, 1.5, -2.0])
     logp_old = torch.tensor([-3.0, -2.5, -4.0, -12.0, -0.05, -3.0, float("nan"), -30.0])
-    weights = StepWeights(algorithm="gbpo", rl_weight=0.7, sft_weight=1.0)
+    weights = StepWeights(algorithm="gbpo", rl_weight=0.7, sft_weight=0.0, rl_level="item", rl_normalization="active")
     result = train_step(model, opt, make_batch(catalogue, adv=adv, logp_old=logp_old), weights=weights)
     logp = seen["logp"].double()
     old = torch.where(torch.isnan(logp_old.double()), logp, logp_old.double())
@@ -105,8 +112,9 @@ def test_gbpo_gradient_on_log_pi_is_the_closed_form(catalogue, monkeypatch):
     rows = adv != 0
     expect = torch.where(rows, -weights.rl_weight * adv.double() * ratio / int(rows.sum()), torch.zeros_like(ratio))
     assert result.finite and result.positives == 3 and result.negatives == 3
-    torch.testing.assert_close(seen["grad"].double(), expect, rtol=1e-5, atol=1e-9)
-    assert seen["grad"][rows].abs().min() > 0
+    grad = item_grad(seen)
+    torch.testing.assert_close(grad.double(), expect, rtol=1e-5, atol=1e-9)
+    assert grad[rows].abs().min() > 0
 
 
 def test_ecpo_gradient_on_log_pi_is_the_loss_gradient(catalogue, monkeypatch):
@@ -114,13 +122,14 @@ def test_ecpo_gradient_on_log_pi_is_the_loss_gradient(catalogue, monkeypatch):
     model, opt = model_and_optimizer()
     adv = torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5, 0.0, 1.5, -2.0])
     logp_old = torch.full((B,), -3.0)
-    weights = StepWeights(algorithm="ecpo", rl_weight=2.0)
+    weights = StepWeights(algorithm="ecpo", rl_weight=2.0, sft_weight=0.0, rl_level="item", rl_normalization="active")
     train_step(model, opt, make_batch(catalogue, adv=adv, logp_old=logp_old), weights=weights)
     rows = adv != 0
     logp = seen["logp"][rows].clone().requires_grad_()
     (weights.rl_weight * ecpo_loss(logp, logp_old[rows], adv[rows], eps=0.2, delta=0.1)).backward()
-    torch.testing.assert_close(seen["grad"][rows], logp.grad, rtol=1e-5, atol=1e-8)
-    assert torch.equal(seen["grad"][~rows], torch.zeros(int((~rows).sum())))
+    grad = item_grad(seen)
+    torch.testing.assert_close(grad[rows], logp.grad, rtol=1e-5, atol=1e-8)
+    assert torch.equal(grad[~rows], torch.zeros(int((~rows).sum())))
 
 
 def test_sft_sends_no_gradient_to_log_pi(catalogue, monkeypatch):
@@ -128,5 +137,5 @@ def test_sft_sends_no_gradient_to_log_pi(catalogue, monkeypatch):
     model, opt = model_and_optimizer()
     adv = torch.ones(B)
     train_step(model, opt, make_batch(catalogue, adv=adv, logp_old=torch.full((B,), -3.0)),
-               weights=StepWeights(algorithm="sft"))
-    assert "grad" not in seen
+               weights=StepWeights(algorithm="sft", sft_weight=0.0))
+    assert torch.equal(seen["tokens_grad"], torch.zeros(B, 3))
