@@ -120,3 +120,117 @@ def test_gen_loss_is_mean_cross_entropy_over_three_positions():
     target = torch.randint(0, 7, (4, 3))
     manual = -torch.log_softmax(logits, -1).gather(-1, target[..., None]).mean()
     torch.testing.assert_close(gen_loss(logits, target), manual)
+
+
+# ---- token level vs item level (rl_rows), closed forms -------------------------------------------
+from learner.losses import plain_ratio_objective, rl_rows, token_logp_old  # noqa: E402
+
+token_probs = st.floats(min_value=1e-4, max_value=0.99)
+token_rows = st.lists(st.tuples(st.tuples(token_probs, token_probs, token_probs),
+                                st.one_of(st.floats(min_value=-30.0, max_value=-0.01), st.just(float("nan"))),
+                                st.sampled_from([-1.0, 0.0, 1.0])),
+                      min_size=1, max_size=12)
+
+
+def reference_token_rows(objective, p, item_old, adv, eps=0.2, delta=0.1):
+    """Per row: mean over the 3 tokens of the objective with token pi_old = p_i * (pi_old / prod p)^(1/3)."""
+    out = []
+    for ps, lo, a in zip(p, item_old, adv):
+        drift = 0.0 if math.isnan(lo) else (lo - sum(math.log(x) for x in ps)) / 3
+        terms = []
+        for x in ps:
+            po = x * math.exp(drift)
+            if objective == "gbpo":
+                terms.append(-a * x / (max(po, x) if a >= 0 else max(po, 1 - x)))       # eqs. 11-12
+            elif objective == "ecpo":
+                r = x / max(x / (1 + eps + delta), po)                                    # eq. 14
+                terms.append(-min(r * a, min(max(r, 1 - eps), 1 + eps) * a))              # eq. 13
+            else:
+                terms.append(-a * x / po)
+        out.append(sum(terms) / 3)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(token_rows, st.sampled_from(["gbpo", "ecpo", "plain_ratio"]))
+def test_token_level_values_and_gradients_match_the_closed_form(batch, objective):
+    """Values per row, and d row / d log p_i = per-token closed form / 3 (GBPO: -A r_i, the bound
+    being a stop-gradient; plain ratio: -A r_i; ECPO: -A r_i inside the clip, 0 where clipped)."""
+    p, item_old, adv = zip(*batch)
+    logp = torch.tensor([[math.log(x) for x in ps] for ps in p], dtype=torch.float64, requires_grad=True)
+    old, a = torch.tensor(item_old, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64)
+    rows_ = rl_rows(objective, logp, old, a, level="token")
+    want = reference_token_rows(objective, p, item_old, adv)
+    assert rows_.tolist() == pytest.approx(want, rel=2e-5, abs=1e-7)
+    rows_.sum().backward()
+    for n, (ps, lo, av) in enumerate(zip(p, item_old, adv)):
+        drift = 0.0 if math.isnan(lo) else (lo - sum(math.log(x) for x in ps)) / 3
+        for i, x in enumerate(ps):
+            po = x * math.exp(drift)
+            if objective == "gbpo":
+                g = -av * x / (max(po, x) if av >= 0 else max(po, 1 - x))
+            elif objective == "plain_ratio":
+                g = -av * x / po
+            else:
+                r = x / max(x / 1.3, po)
+                clipped = (av > 0 and r > 1.2) or (av < 0 and r < 0.8)
+                g = 0.0 if clipped else -av * r
+            assert logp.grad[n, i].item() == pytest.approx(g / 3, rel=2e-5, abs=1e-7)
+
+
+@settings(max_examples=50, deadline=None)
+@given(token_rows, st.sampled_from(["gbpo", "ecpo"]))
+def test_item_level_is_the_objective_on_the_product_of_the_three(batch, objective):
+    p, item_old, adv = zip(*batch)
+    logp = torch.tensor([[math.log(x) for x in ps] for ps in p], dtype=torch.float64)
+    old, a = torch.tensor(item_old, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64)
+    pi = [ps[0] * ps[1] * ps[2] for ps in p]
+    pi_old = [math.exp(lo) if not math.isnan(lo) else float("nan") for lo in item_old]
+    ref = reference_gbpo if objective == "gbpo" else reference_ecpo
+    got = rl_rows(objective, logp, old, a, level="item").tolist()
+    for n in range(len(pi)):
+        assert got[n] == pytest.approx(ref([pi[n]], [pi_old[n]], [adv[n]]), rel=1e-5, abs=1e-9)
+
+
+def test_token_pi_old_multiplies_to_the_logged_item_pi_old():
+    logp = torch.log(torch.tensor([[0.5, 0.1, 0.9], [0.01, 0.2, 0.3]], dtype=torch.float64))
+    item_old = torch.tensor([-4.0, float("nan")], dtype=torch.float64)
+    old = token_logp_old(logp, item_old)
+    assert old[0].sum().item() == pytest.approx(-4.0)
+    assert torch.isnan(old[1]).all()                      # legacy stays legacy: pi_old = sg(p_i) per token
+    per_token = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
+    assert torch.equal(token_logp_old(logp[:1], per_token), per_token)
+
+
+def test_token_level_negatives_act_where_item_level_ones_vanish():
+    """The default's reason: legacy negatives (ratio 1) at realistic token probabilities 0.05-0.5.
+    Item level: d/d log pi = pi / (1 - pi) = 5e-3 on each token; token level: p_i / (1 - p_i) / 3."""
+    p = torch.tensor([[0.05, 0.2, 0.5]], dtype=torch.float64)
+    nan, neg = torch.tensor([float("nan")], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)
+    grads = {}
+    for level in ("item", "token"):
+        logp = p.log().requires_grad_(True)
+        rl_rows("gbpo", logp, nan, neg, level=level).sum().backward()
+        grads[level] = logp.grad[0]
+    pi = float(p.prod())
+    assert grads["item"].tolist() == pytest.approx([pi / (1 - pi)] * 3, rel=1e-5)
+    assert grads["token"].tolist() == pytest.approx((p / (1 - p) / 3)[0].tolist(), rel=1e-5)
+    assert grads["token"].sum() > 20 * grads["item"].sum()       # 0.43 vs 0.015 in total
+
+
+def test_plain_ratio_has_no_bound_on_negatives():
+    """-A pi / pi_old: a negative whose pi grew 100x over pi_old gets gradient 100 on log pi."""
+    logp = torch.tensor([math.log(0.5)], dtype=torch.float64, requires_grad=True)
+    plain_ratio_objective(logp, torch.tensor([math.log(0.005)], dtype=torch.float64),
+                          torch.tensor([-1.0], dtype=torch.float64)).sum().backward()
+    assert logp.grad.item() == pytest.approx(100.0)
+
+
+def test_rl_rows_rejects_bad_level_and_shapes():
+    logp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="level"):
+        rl_rows("gbpo", logp, torch.zeros(2), torch.zeros(2), level="sequence")
+    with pytest.raises(ValueError, match="objective"):
+        rl_rows("ppo", logp, torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="logp_old"):
+        rl_rows("gbpo", logp, torch.zeros(3), torch.zeros(2))

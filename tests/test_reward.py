@@ -89,3 +89,25 @@ def test_the_joins_engagement_q_equals_the_reference(history, play):
 
     q = engagement_q(np.asarray(history, dtype=np.float64), play)
     assert type(q) is float and q == float(engagement_score(history, play))
+
+
+def test_ties_at_tau_are_not_positive_and_numpy_torch_agree():
+    """q == tau_B is not positive (strict >): with half the q at 1, tau_B = 1 and nothing is above it."""
+    from streaming.reward import tau_threshold
+    q = np.array([1.0, 1.0, 1.0, 1.0, 0.2, 0.4, 0.6, 0.8])
+    dis = np.zeros(8, dtype=bool)
+    assert tau_threshold(q) == 1.0
+    assert advantages(q, dis).tolist() == [0.0] * 8
+    # an explicit tau: ties with it are not positive, above it are; both backends agree
+    q2 = np.array([0.5, 0.75, 0.76, 1.0])
+    want = [0.0, 0.0, 1.0, 1.0]
+    assert advantages(q2, np.zeros(4, dtype=bool), tau=0.75).tolist() == want
+    assert advantages(torch.tensor(q2), torch.zeros(4, dtype=torch.bool), tau=0.75).tolist() == want
+
+
+def test_single_sample_without_a_window_is_its_own_tau():
+    assert advantages(np.array([1.0]), np.array([False])).tolist() == [0.0]
+    assert advantages(np.array([1.0]), np.array([False]), tau=0.9).tolist() == [1.0]
+    with pytest.raises(ValueError, match="at least one"):
+        from streaming.reward import tau_threshold
+        tau_threshold([])
