@@ -11,7 +11,6 @@ A policy is `policy(user_id: int, context: dict, k: int) -> list[int]` (item ids
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Callable
 
@@ -19,22 +18,11 @@ import numpy as np
 
 from simulator.ledger import DAY_S, StayTimeLedger
 from simulator.world import World
+from streaming.arms import arm_of  # the one assignment: the online A/B and the arena split users alike
 
 Policy = Callable[[int, dict, int], list]
 
 
-def arm_of(user_id: int, arms, salt: str = "onerec-ab") -> str:
-    """The arm of a user: BLAKE2b-64 of "salt:user_id" modulo the number of arms, as a position in `arms`.
-
-    Any int maps to an arm; the same (id, arms, salt) always maps to the same arm; ids spread evenly.
-    """
-    arms = list(arms)
-    if not arms:
-        raise ValueError("arms must not be empty")
-    if len(set(arms)) != len(arms):
-        raise ValueError(f"arm names must be distinct, got {arms}")
-    digest = hashlib.blake2b(f"{salt}:{int(user_id)}".encode(), digest_size=8).digest()
-    return arms[int.from_bytes(digest, "little") % len(arms)]
 
 
 def fixed_policies(world: World, seed: int = 0) -> dict[str, Policy]:

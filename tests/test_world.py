@@ -7,7 +7,7 @@ import pytest
 
 from learner.flags import FLAG_BITS
 from simulator import kuairand
-from simulator.arena import arm_of, fixed_policies, run_arena
+from simulator.arena import fixed_policies, run_arena
 from simulator.check import auc, check_world, tolerance_report
 from simulator.config import SimulatorConfig
 from simulator.fit import tolerance_failures
@@ -216,20 +216,6 @@ def test_population_time_moves_forward_and_sessions_continue(world):
 
 
 # ---- arms, ledger, arena --------------------------------------------------------------------------
-def test_arm_of_is_stable_balanced_and_total():
-    arms = ["sft", "gbpo", "random"]
-    assert arm_of(12345, arms) == arm_of(12345, list(arms))
-    assert arm_of(12345, arms, salt="a") == arm_of(12345, arms, salt="a")
-    counts = {a: 0 for a in arms}
-    for u in range(30_000):
-        counts[arm_of(u, arms)] += 1
-    assert all(abs(c / 30_000 - 1 / 3) < 0.015 for c in counts.values()), counts
-    for u in (0, -1, 2**63 - 1, -(2**63), 10**30):
-        assert arm_of(u, arms) in arms
-    with pytest.raises(ValueError, match="empty"):
-        arm_of(1, [])
-
-
 def test_ledger_report_math():
     ledger = StayTimeLedger(catalogue_size=10, cold_items=[9])
     for u in range(20):
