@@ -63,7 +63,7 @@ def run_arena(world: World, policies: dict[str, Policy], *, days: float, n_users
         rng = np.random.default_rng(seed)
         user_ids = rng.choice(world.users, size=min(n_users, len(world.users)), replace=False)
     arms = list(policies)
-    arm_by_user = {int(u): arm_of(int(u), arms, salt) for u in user_ids}
+    arm_by_user = {int(u): arm_of(int(u), arms, salt=salt) for u in user_ids}
     cold = world.item_ids[world.model.item_fit_play_s <= 0]
     ledger = StayTimeLedger(len(world.item_ids), cold_items=cold)
     for u, a in arm_by_user.items():
