@@ -196,7 +196,7 @@ class SimulatedTraffic:
                       "items": [{"item_id": int(i), "semantic_id": None, "duration_s": self.sim.duration_of(int(i)),
                                  "logprob": None} for i in items]}
         await self.producer.send(self.impressions_topic, schemas.encode_impression(impression),
-                                 key=request_id.encode())
+                                 key=str(user).encode())   # topic layout 2: keyed by user id
         self.legacy_requests += 1
         return {"request_id": request_id, "model_version": None, "items": impression["items"]}
 
@@ -214,7 +214,7 @@ class SimulatedTraffic:
                      "play_time_s": float(response["play_time_s"]), "dislike": bool(response["dislike"]),
                      **{k: bool(response[k]) for k in ("like", "follow", "comment", "forward", "collect")}}
             await self.producer.send(self.feedback_topic, schemas.encode_feedback(event),
-                                     key=answer["request_id"].encode())
+                                     key=str(user).encode())   # topic layout 2: keyed by user id
             self.sim.observe(user, item_id, duration, event["play_time_s"], flags_of_response(response, duration))
             counts["items"] += 1
             counts["dislikes"] += event["dislike"]

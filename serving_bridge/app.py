@@ -208,7 +208,7 @@ class ServingBridge:
                       "source": "onerec", "context": context,
                       "items": [{**it, "duration_s": durations[it["item_id"]]} for it in items]}
         await self.producer.send(self.impressions_topic, schemas.encode_impression(impression),
-                                 key=request_id.encode())
+                                 key=str(user_id).encode())   # topic layout 2: keyed by user id
         self.views.remember(request_id, durations)
         self.requests += 1
         self.max_version_served = max(self.max_version_served, version)

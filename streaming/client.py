@@ -4,7 +4,7 @@ Invariant: every client here talks the Kafka protocol with `StreamConfig.client_
 SASL/SSL settings reach it) and never relies on end offsets (the embedded broker's ListOffsets
 LATEST can be short): readers start from the beginning or from committed offsets and poll.
 
-- `EventPublisher`: impressions and feedback, validated and keyed by request_id.
+- `EventPublisher`: impressions and feedback, validated and keyed by user id (`streaming.join.user_key`).
 - `SampleDeduplicator`: the consumer half of at-least-once - drops repeated `(request_id, item_id)`.
 - `read_events(cfg, kind, ...)`: read a topic from the beginning until a condition or a timeout.
 - `WorkerProcess`: `python -m streaming.worker` (either engine) as a subprocess (tests, benchmark, `onerec run`).
@@ -29,7 +29,8 @@ from streaming.topics import topic_name
 
 
 class EventPublisher:
-    """Produces impressions and feedback (validated, keyed by request_id) with kafka-python."""
+    """Produces impressions and feedback (validated, keyed by the user id as decimal ASCII bytes, placed by
+    Kafka's default murmur2 partitioner: the contract of topic layout 2) with kafka-python."""
 
     def __init__(self, cfg: StreamConfig, **producer_options):
         from kafka import KafkaProducer
@@ -41,10 +42,10 @@ class EventPublisher:
         self.topics = {k: topic_name(cfg, k) for k in ("impressions", "feedback")}
 
     def impression(self, event: schemas.Impression):
-        return self.send_raw("impressions", event["request_id"].encode(), schemas.encode_impression(event))
+        return self.send_raw("impressions", str(event["user_id"]).encode(), schemas.encode_impression(event))
 
     def feedback(self, event: schemas.Feedback):
-        return self.send_raw("feedback", event["request_id"].encode(), schemas.encode_feedback(event))
+        return self.send_raw("feedback", str(event["user_id"]).encode(), schemas.encode_feedback(event))
 
     def send_raw(self, kind: str, key: bytes | None, value: bytes):
         """Unvalidated bytes (tests of the dead-letter path use it too)."""
