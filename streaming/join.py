@@ -34,6 +34,7 @@ encoded once. State changes are recorded as `StateWrite`s, the last one per key 
 created and deleted within one batch writes nothing). Deadline heaps are derived from the stores and
 rebuilt after a restart. State a batch creates waits decoded in memory until `drain()`; the stores and
 writes a batch leaves are the same as if every change had gone to a store at once. Store values:
+Request entries are keyed by `request_key` (partition/request_id), user entries by `user_key`.
 - `impressions`: lines `[partition, user_id, ts, [item ids]]`, the items, the shared members, the context;
 - `feedback`: `{"p": partition, "fb": [feedback events as they arrived]}`;
 - `closed`: `{"p", "forget_at", "fb": {item id: [ts, play_time_s]}}`; `users`: see streaming/history.py.
@@ -104,6 +105,13 @@ class _FeedbackEntry(msgspec.Struct):
 
 
 _FEEDBACK_ENTRY = msgspec.json.Decoder(_FeedbackEntry)
+
+
+def request_key(partition: int, request_id: str) -> bytes:
+    """The key of a request's entries in the `impressions`, `feedback` and `closed` stores: its partition
+    and request id (`b"0/r1"`), so that feedback naming another partition's request (a wrong user's) is
+    kept apart from that request whichever partitions one worker holds."""
+    return b"%d/%s" % (partition, request_id.encode())
 
 
 def user_key(user_id: int) -> bytes:
@@ -272,7 +280,7 @@ class UserJoin:
     def _on_impression(self, partition: int, imp: ImpressionParts, raw: bytes) -> None:
         self.stats.impressions += 1
         self._advance(partition, "impressions", imp.ts)
-        rid = imp.request_id.encode()
+        rid = request_key(partition, imp.request_id)
         if rid in self._closed or rid in self.stores["closed"]:
             self.stats.duplicates += 1      # redelivery of a request already joined
             return
@@ -320,7 +328,7 @@ class UserJoin:
     def _on_feedback(self, partition: int, fb: Feedback, raw: bytes) -> None:
         self.stats.feedback += 1
         self._advance(partition, "feedback", fb.ts)
-        rid = fb.request_id.encode()
+        rid = request_key(partition, fb.request_id)
         closed = self._closed[rid][1] if rid in self._closed else self.stores["closed"].get(rid)
         if closed is not None:
             joined = orjson.loads(closed)["fb"].get(str(fb.item_id))
@@ -401,7 +409,7 @@ class UserJoin:
                                                    beta=self.cfg.duration_beta)
         else:
             recent, history = hist.decode_user(state)
-        rid_hash = hist.request_hash(rid)
+        rid_hash = hist.request_hash(rid[rid.index(b"/") + 1:])
         if hist.has_hash(recent, rid_hash):
             self.stats.duplicates += 1
             return

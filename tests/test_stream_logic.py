@@ -11,7 +11,7 @@ import orjson
 from streaming import schemas
 from streaming.config import StreamConfig
 from streaming.history import decode_user, has_hash, history_rows, recent_hashes, request_hash
-from streaming.join import TABLES, UserJoin, user_key
+from streaming.join import TABLES, UserJoin, request_key, user_key
 from streaming.partitioner import default_partition
 
 EMPTY = {"item_id": [], "duration_s": [], "play_time_s": [], "flags": []}
@@ -291,8 +291,9 @@ def test_changelog_restores_the_state_and_skips_keys_born_and_gone_in_one_batch(
     j.close_due()
     batches.append(j.drain())
     slots = {(w.table, w.key, w.value is None) for w in batches[0].writes.values()}
-    assert ("impressions", b"a", True) not in slots and ("feedback", b"a", True) not in slots  # never written
-    assert {("closed", b"a", False), ("impressions", b"b", False), ("users", b"1", False)} <= slots
+    a, b = request_key(home(1), "a"), request_key(home(1), "b")
+    assert ("impressions", a, True) not in slots and ("feedback", a, True) not in slots  # never written
+    assert {("closed", a, False), ("impressions", b, False), ("users", b"1", False)} <= slots
     assert replay_changelog(batches) == j.stores
     # batch 2: "b" closes now: its earlier records need tombstones
     send(j, "impressions", imp("d", 1, 200.0))
@@ -300,7 +301,7 @@ def test_changelog_restores_the_state_and_skips_keys_born_and_gone_in_one_batch(
     j.close_due()
     batches.append(j.drain())
     slots = {(w.table, w.key, w.value is None) for w in batches[1].writes.values()}
-    assert {("impressions", b"b", True), ("feedback", b"b", True), ("closed", b"b", False)} <= slots
+    assert {("impressions", b, True), ("feedback", b, True), ("closed", b, False)} <= slots
     assert replay_changelog(batches) == j.stores
 
 
@@ -452,6 +453,24 @@ def test_a_partition_seen_mid_batch_keeps_the_batchs_open_requests():
     out = samples_of(j.drain())
     assert requests_of_list(out) == ["a", "b"]
     assert [(s["request_id"], s["item_id"]) for s in out if s["feedback"]] == [("a", 1), ("b", 2)]
+
+
+def test_feedback_for_another_partitions_request_id_stays_apart_from_it():
+    """A wrong user's feedback on another partition is an orphan there, whether or not one worker holds
+    both partitions (the request's state is keyed by partition too)."""
+    j = joiner()
+    other = next(u for u in range(1, 50) if home(u) != home(0))
+    send(j, "impressions", imp("r", 0, 100.0))
+    send(j, "feedback", fb("r", other, 1, 101.0))
+    send(j, "feedback", fb("r", 0, 1, 102.0, play=7.0))
+    for user in (0, other):
+        send(j, "impressions", imp(f"z{user}", user, 300.0))
+        send(j, "feedback", fb(f"z{user}", user, 1, 300.0))
+    j.close_due()
+    batch = j.drain()
+    reasons = [schemas.decode_dead_letter(o.value)["reason"] for o in batch.outputs if o.kind == "dead-letters"]
+    assert reasons == [f"no impression for request_id 'r' of user_id {other} within the feedback window"]
+    assert [s["feedback"]["play_time_s"] for s in samples_of(batch) if s["request_id"] == "r" and s["feedback"]] == [7.0]
 
 
 def test_a_request_hash_matches_only_on_its_own_slot():
