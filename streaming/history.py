@@ -1,9 +1,10 @@
-"""A user's state in the join: recent request hashes and the bounded play history q is scored against.
+"""A user's state in the join: the bounded play history q is scored against.
 
-Invariant: a `users` store value is `encode_user(recent, history)`: the number of recent requests
-(uint32 LE), their 8-byte `request_hash`es (oldest first, the last `dedupe_requests`), then the
-history: rows of three little-endian float64 (duration bucket, play_time_s, ts), sorted by ts, the
-last `history_len`. Appending and truncating rows are byte slices; numpy reads them without a copy.
+Invariant: a `users` store value is the user's history: rows of three little-endian float64
+(duration bucket, play_time_s, ts), sorted by ts, the last `history_len`. Appending and truncating
+rows are byte slices; numpy reads them without a copy. (Redelivered requests are dropped by the
+join's `closed` markers; the two-stage join also kept request-id hashes here, for redelivered
+`joined` records, which no longer exist.)
 
 `score_items` is q of report section 3.1.1 (streaming/reward.py's `engagement_score`) against the
 user's plays in the same duration bucket from requests with an earlier ts, and inserts the request's
@@ -14,7 +15,6 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-import xxhash
 
 from streaming.reward import EMPTY_HISTORY_SCORE, duration_bucket
 
@@ -30,35 +30,6 @@ def engagement_q(plays: np.ndarray, play_time: float) -> float:
     if plays.size == 0:
         return EMPTY_HISTORY_SCORE
     return int(np.count_nonzero(plays <= play_time)) / plays.size
-
-
-def request_hash(request_id: str | bytes) -> bytes:
-    """8 bytes that stand for a request id in a user's recent requests (XXH3-64). Two of a user's last
-    `dedupe_requests` ids that collide (odds ~ 512 / 2**64 per request) would drop a request's samples."""
-    return xxhash.xxh3_64_digest(request_id.encode() if isinstance(request_id, str) else request_id)
-
-
-def encode_user(recent: bytes, history: bytes) -> bytes:
-    return _COUNT.pack(len(recent) // 8) + recent + history
-
-
-def decode_user(value: bytes) -> tuple[bytes, bytes]:
-    """(recent request hashes, history rows) of a `users` store value."""
-    end = _COUNT.size + 8 * _COUNT.unpack_from(value)[0]
-    return value[_COUNT.size:end], value[end:]
-
-
-def has_hash(recent: bytes, rid_hash: bytes) -> bool:
-    """Whether `rid_hash` is one of the 8-byte hashes in `recent` (a match must start on a hash)."""
-    at = recent.find(rid_hash)
-    while at >= 0 and at % 8:
-        at = recent.find(rid_hash, at + 1)
-    return at >= 0
-
-
-def recent_hashes(recent: bytes) -> list[bytes]:
-    """The `request_hash`es of a user's recent requests, oldest first (for tests and debugging)."""
-    return [recent[i:i + 8] for i in range(0, len(recent), 8)]
 
 
 def history_rows(history: bytes) -> np.ndarray:

@@ -13,8 +13,7 @@ One stage, keyed by user: impressions and feedback are keyed by `user_id` (the d
 bytes, partitioned by Kafka's murmur2), so a user's requests, their feedback and the user's play
 history all live on one partition. Per partition the join holds the open requests with their
 feedback (stores `impressions`, `feedback`, keyed by request_id), the markers of closed requests
-(`closed`) and per user the recent request hashes and bounded play history (`users`,
-streaming/history.py). A request's window closes when the partition's watermark (the smaller of the
+(`closed`) and per user the bounded play history (`users`, streaming/history.py). A request's window closes when the partition's watermark (the smaller of the
 largest ts read from impressions and from feedback, an input idle for `idle_close` wall seconds left
 out) passes `impression.ts + feedback_window_s`; windows close in ts order, so the request is scored
 right then against the user's earlier plays, and one sample per shown item goes out (keyed by
@@ -25,8 +24,8 @@ dead letter with that reason. Feedback joins iff it names a shown item of the sa
 `ts <= impression.ts + window`, and arrives before the window closes; repeated feedback for an item
 keeps the one with the largest ts (an identical repeat is a duplicate); late, unknown-item,
 wrong-user and never-joined (orphan) feedback become dead letters with the reason and the original
-bytes. A request id seen again after it closed is a duplicate (within `closed_retention_s`; later,
-the user's recent request hashes still drop it).
+bytes. A request id seen again after it closed is a duplicate (within `closed_retention_s` of event
+time: its `closed` marker says so).
 
 Bytes, not dicts: an impression is decoded and checked once, on arrival (`fast_schemas.split_impression`);
 its context travels as the producer's JSON bytes into every sample, its shared members as bytes
@@ -389,7 +388,7 @@ class UserJoin:
             items = decode_items(items_raw)
             self._put("impressions", partition, rid, None)
         feedback = {f.item_id: (f, raw) for f, raw in self._take_feedback(partition, rid)}
-        self._score(partition, rid, user_id, ts, items, sample_tail(shared, context), feedback, context)
+        self._score(partition, user_id, ts, items, sample_tail(shared, context), feedback, context)
         self.stats.joined_requests += 1
         self.stats.joined_feedback += len(feedback)
         forget_at = ts + self.window + self.cfg.closed_retention_s
@@ -398,21 +397,14 @@ class UserJoin:
         self._closed[rid] = (partition, orjson.dumps(marker))
         heapq.heappush(self._forgets.setdefault(partition, []), (forget_at, 2, rid))
 
-    def _score(self, partition: int, rid: bytes, user_id: int, ts: float, items: list, tail: bytes,
+    def _score(self, partition: int, user_id: int, ts: float, items: list, tail: bytes,
                feedback: dict[int, tuple[Feedback, bytes]], context: bytes) -> None:
         """The samples of one closed request, q against the user's earlier plays (streaming/history.py)."""
         uid = user_key(user_id)
-        state = self.stores["users"].get(uid)
-        if state is None:   # a new user starts from the plays of the served context
+        history = self.stores["users"].get(uid)
+        if history is None:   # a new user starts from the plays of the served context
             durations, play_times = context_plays(context)
-            recent, history = b"", hist.warm_start(durations, play_times, keep=self.cfg.history_len,
-                                                   beta=self.cfg.duration_beta)
-        else:
-            recent, history = hist.decode_user(state)
-        rid_hash = hist.request_hash(rid[rid.index(b"/") + 1:])
-        if hist.has_hash(recent, rid_hash):
-            self.stats.duplicates += 1
-            return
+            history = hist.warm_start(durations, play_times, keep=self.cfg.history_len, beta=self.cfg.duration_beta)
         buckets = self._buckets([item.duration_s for item in items])
         joined = [feedback.get(item.item_id) for item in items]
         scores, history = hist.score_items(history, ts, buckets,
@@ -423,8 +415,7 @@ class UserJoin:
                                 None if f is None else msgspec.Raw(f[1]), q, bucket)
             outputs.append(Output("samples", partition, uid, sample_bytes(sample, tail)))
         self.stats.samples += len(items)
-        recent = (recent + rid_hash)[-8 * self.cfg.dedupe_requests:]
-        self._put("users", partition, uid, hist.encode_user(recent, history[-self.cfg.history_len * hist.HISTORY_ROW:]))
+        self._put("users", partition, uid, history[-self.cfg.history_len * hist.HISTORY_ROW:])
 
     def _expire_orphan(self, partition: int, rid: bytes) -> None:
         if rid in self._arrived or rid in self.stores["impressions"]:

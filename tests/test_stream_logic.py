@@ -10,7 +10,7 @@ import orjson
 
 from streaming import schemas
 from streaming.config import StreamConfig
-from streaming.history import decode_user, has_hash, history_rows, recent_hashes, request_hash
+from streaming.history import history_rows
 from streaming.join import TABLES, UserJoin, request_key, user_key
 from streaming.partitioner import default_partition
 
@@ -156,9 +156,7 @@ def test_q_is_scored_against_the_users_earlier_plays_and_the_history_is_bounded(
     batch = j.drain()
     assert scores(batch) == {("r1", 0): 0.5, ("r2", 0): 1.0, ("r2", 1): 0.0, ("r3", 0): 2 / 3, ("r3", 1): None}
     assert {o.key for o in batch.outputs} == {b"9"} and {o.partition for o in batch.outputs} == {home(9)}
-    recent, history = decode_user(j.stores["users"][b"9"])
-    assert recent_hashes(recent) == [request_hash(r) for r in ("r1", "r2", "r3")]
-    assert history_rows(history)[:, 1].tolist() == [8.0, 2.0, 5.0]   # bounded, newest kept
+    assert history_rows(j.stores["users"][b"9"])[:, 1].tolist() == [8.0, 2.0, 5.0]   # bounded, newest kept
 
 
 def test_a_request_scored_after_a_later_one_enters_the_history_in_ts_order():
@@ -181,8 +179,7 @@ def test_a_request_scored_after_a_later_one_enters_the_history_in_ts_order():
     j.close_due()
     got.update(scores(j.drain()))
     assert got == {("r200", 0): 0.5, ("r100", 0): 0.5, ("r150", 0): 1.0, ("r150", 1): 0.0}
-    _, history = decode_user(j.stores["users"][b"9"])
-    assert history_rows(history)[:, 2].tolist() == [100.0, 150.0, 150.0, 200.0]
+    assert history_rows(j.stores["users"][b"9"])[:, 2].tolist() == [100.0, 150.0, 150.0, 200.0]
 
 
 def test_events_with_a_wrong_key_or_on_a_wrong_partition_are_dead_letters():
@@ -386,7 +383,7 @@ def scenario(seed: int, n_requests: int = 80):
 def run_stream(events, batch: int, *, restart_every_batch: bool):
     """The join, batch by batch as the worker drives it; with `restart_every_batch`, a fresh state machine
     restored from the changelog alone (plus the watermarks a worker would have read again)."""
-    cfg = StreamConfig(feedback_window_s=30.0, idle_close_s=5.0, partitions=2, history_len=4, dedupe_requests=3,
+    cfg = StreamConfig(feedback_window_s=30.0, idle_close_s=5.0, partitions=2, history_len=4,
                        closed_retention_s=60.0)
     clock = Clock()
     join = UserJoin(cfg, {t: {} for t in TABLES}, wall_clock=clock)
@@ -471,11 +468,3 @@ def test_feedback_for_another_partitions_request_id_stays_apart_from_it():
     reasons = [schemas.decode_dead_letter(o.value)["reason"] for o in batch.outputs if o.kind == "dead-letters"]
     assert reasons == [f"no impression for request_id 'r' of user_id {other} within the feedback window"]
     assert [s["feedback"]["play_time_s"] for s in samples_of(batch) if s["request_id"] == "r" and s["feedback"]] == [7.0]
-
-
-def test_a_request_hash_matches_only_on_its_own_slot():
-    a, b = request_hash("a"), request_hash("b")
-    recent = a + b
-    assert has_hash(recent, a) and has_hash(recent, b) and not has_hash(recent, request_hash("c"))
-    assert not has_hash(recent, recent[4:12])      # 8 bytes that straddle two hashes are not a hash
-    assert not has_hash(b"", a)
