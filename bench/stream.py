@@ -161,6 +161,25 @@ class SampleWatcher(threading.Thread):
         return len(self.stamps) >= n
 
 
+def measure_delay(cfg: StreamConfig, args, watcher: "SampleWatcher", workers: list, result: dict) -> None:
+    """Phase 4: with the worker caught up, replay a slice a week later in event time at `--speedup`;
+    p50/p99 of (sample broker timestamp - its feedback's publish time) into `result`."""
+    published: dict = {}
+
+    def on_event(kind, event, wall):
+        if kind == "feedback":
+            published[(event["request_id"], event["item_id"])] = wall
+
+    live = replay(cfg, None, limit=args.delay_rows, speedup=args.speedup, progress=False, on_event=on_event,
+                  request_prefix="live", ts_offset_s=WEEK_S + 86400.0)
+    want = result["samples"] + live.rows
+    watcher.wait_for(want, 120.0, workers)
+    delays = np.asarray([watcher.stamps[k] - t for k, t in published.items() if k in watcher.stamps])
+    result.update(delay_rows=live.rows, delay_speedup=args.speedup, delay_samples=int(delays.size),
+                  feedback_to_sample_p50_s=round(float(np.percentile(delays, 50)), 3) if delays.size else None,
+                  feedback_to_sample_p99_s=round(float(np.percentile(delays, 99)), 3) if delays.size else None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, help="rows of the week to use (default: all)")
@@ -229,21 +248,7 @@ def main() -> int:
         result["events_per_worker_cpu_s"] = round(n_events / worker_cpu_s, 1)
         # the broker shares the cores: its CPU over the same span (the join's produce/fetch traffic)
         result["broker_cpu_s"] = round(broker_cpu_s, 2)
-        # 4. delay, live, a week later in event time
-        published: dict = {}
-
-        def on_event(kind, event, wall):
-            if kind == "feedback":
-                published[(event["request_id"], event["item_id"])] = wall
-
-        live = replay(cfg, None, limit=args.delay_rows, speedup=args.speedup, progress=False, on_event=on_event,
-                      request_prefix="live", ts_offset_s=WEEK_S + 86400.0)
-        want = result["samples"] + live.rows
-        watcher.wait_for(want, 120.0, workers)
-        delays = np.asarray([watcher.stamps[k] - t for k, t in published.items() if k in watcher.stamps])
-        result.update(delay_rows=live.rows, delay_speedup=args.speedup, delay_samples=int(delays.size),
-                      feedback_to_sample_p50_s=round(float(np.percentile(delays, 50)), 3) if delays.size else None,
-                      feedback_to_sample_p99_s=round(float(np.percentile(delays, 99)), 3) if delays.size else None)
+        measure_delay(cfg, args, watcher, workers, result)
         p99 = result["feedback_to_sample_p99_s"]
         result["targets"] = {"joined_per_worker_10k": result["joined_events_per_s_per_worker"] >= 10_000,
                              "half_of_pipe": result["joined_vs_pipe"] >= 0.5,

@@ -148,37 +148,6 @@ def read_events(cfg: StreamConfig, kind: str, *, until: Callable[[list], bool] |
         consumer.close()
 
 
-def true_end_offsets(cfg: StreamConfig, reported: dict, *, quiet_ms: int = 300) -> dict:
-    """End offsets that count every record, given the broker's reported ones ({(topic, partition): offset}).
-
-    Tansu answers ListOffsets LATEST with the last record batch's base offset + 1, which is short by
-    the rest of that batch; reading from `reported - 1` to the end of the partition finds the truth.
-    Keys are kept as given (Faust's TP namedtuples work).
-    """
-    from kafka import KafkaConsumer, TopicPartition
-
-    truth = dict(reported)
-    probe = {TopicPartition(tp[0], tp[1]): tp for tp, end in reported.items() if end}
-    if not probe:
-        return truth
-    consumer = KafkaConsumer(**cfg.client_options(), group_id=None, enable_auto_commit=False,
-                             max_partition_fetch_bytes=8 * 1024 * 1024)
-    try:
-        consumer.assign(list(probe))
-        for tp, key in probe.items():
-            consumer.seek(tp, max(reported[key] - 1, 0))
-        last_new = time.monotonic()
-        while (time.monotonic() - last_new) * 1000 < quiet_ms:
-            for tp, records in consumer.poll(timeout_ms=100).items():
-                if records:
-                    key = probe[tp]
-                    truth[key] = max(truth[key], records[-1].offset + 1)
-                    last_new = time.monotonic()
-        return truth
-    finally:
-        consumer.close()
-
-
 def stream_overrides(cfg: StreamConfig) -> list[str]:
     """`--set stream.k=v` arguments reproducing cfg in a subprocess (None values are left out)."""
     args = []

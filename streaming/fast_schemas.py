@@ -1,14 +1,15 @@
 """The one fast path of the event schemas: msgspec checks types and ranges while it parses, in C.
 
-Invariant: each `decode_*` here accepts exactly the events that `streaming.schemas`' reference
-validators accept and raises `SchemaError` with the reference's reason otherwise. The msgspec
+Invariant: each decoder here accepts exactly the events that `streaming.schemas`' reference
+validators accept and raises `SchemaError` with the reference's reason otherwise (`split_impression`:
+the reference's `validate_impression(check_context=False)`, and a context that is an object). The msgspec
 structs accept a subset of what the reference accepts (the same types and ranges; what they cannot
 say, such as equal list lengths or no item shown twice, is checked right after them); anything they
 refuse goes to the reference validator, which either accepts it (e.g. an event with members of its
 own) or names the offending field. tests/test_schemas.py compares the two on mutated events.
 
 What the join keeps of an impression (`split_impression`): its context as the producer's bytes
-(`msgspec.Raw`, checked once here and never again by the join), its shown items decoded, and the
+(`msgspec.Raw`; checked where it was produced, read by the join only for a new user), its shown items decoded, and the
 members that every sample of the request shares (`shared`: request_id, user_id, ts, model_version,
 source, arm and any member of the impression's own), encoded once. A sample is then one small
 per-item struct spliced onto those bytes (`sample_bytes`): the context is never re-encoded.
@@ -164,24 +165,30 @@ def _checked_context(raw: bytes) -> _Context | None:
 
 def split_impression(raw: bytes) -> ImpressionParts:
     """A valid impression from its bytes, split for the join (module docstring); raises SchemaError
-    naming the field otherwise."""
+    naming the field otherwise. Its context must be a JSON object but is not checked further here: it
+    was checked where the impression was produced (`schemas.encode_impression`), the join reads it only
+    for a new user (`context_plays`, which checks it), and the learner checks what it trains on."""
     try:
         imp = _IMPRESSION.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError):
         imp = None
     if imp is not None and imp.context is not msgspec.UNSET and _items_ok(imp.source, imp.items):
         context = bytes(imp.context)
-        if _checked_context(context) is not None:
+        if context.startswith(b"{"):
             if b"\n" in context:
                 context = orjson.dumps(orjson.loads(context))
             shared = encode(_Shared(imp.request_id, imp.user_id, imp.ts, imp.model_version, imp.source, imp.arm))
             return ImpressionParts(imp.request_id, imp.user_id, imp.ts, imp.items, shared, context)
-    event = schemas.validate_impression(schemas.json_object(raw, "impression"))   # the reference names the field
+    event = schemas.json_object(raw, "impression")   # the reference names the field
+    schemas.validate_impression(event, check_context=False)
+    context = schemas.require(event, "context")
+    if not isinstance(context, dict):
+        raise SchemaError("context must be an object with profile, short, long")
     members = {k: v for k, v in event.items() if k not in SAMPLE_ITEM_MEMBERS}
     members.setdefault("arm", None)
     items = msgspec.convert(event["items"], list[Item])
     return ImpressionParts(event["request_id"], event["user_id"], event["ts"], items, orjson.dumps(members),
-                           orjson.dumps(event["context"]))
+                           orjson.dumps(context))
 
 
 def decode_items(raw: bytes) -> list[Item]:

@@ -27,9 +27,11 @@ wrong-user and never-joined (orphan) feedback become dead letters with the reaso
 bytes. A request id seen again after it closed is a duplicate (within `closed_retention_s` of event
 time: its `closed` marker says so).
 
-Bytes, not dicts: an impression is decoded and checked once, on arrival (`fast_schemas.split_impression`);
-its context travels as the producer's JSON bytes into every sample, its shared members as bytes
-encoded once. State changes are recorded as `StateWrite`s, the last one per key and batch (a key
+Bytes, not dicts: an impression is decoded and checked once, on arrival (`fast_schemas.split_impression`),
+all but its context, which must be a JSON object: the context was checked where it was produced, and
+the join reads it only to start a new user's history at the request's close (a context that fails
+then makes the request a dead letter, with the impression as the join kept it). It travels as the
+producer's JSON bytes into every sample, the shared members as bytes encoded once. State changes are recorded as `StateWrite`s, the last one per key and batch (a key
 created and deleted within one batch writes nothing). Deadline heaps are derived from the stores and
 rebuilt after a restart. State a batch creates waits decoded in memory until `drain()`; the stores and
 writes a batch leaves are the same as if every change had gone to a store at once. Store values:
@@ -388,7 +390,11 @@ class UserJoin:
             items = decode_items(items_raw)
             self._put("impressions", partition, rid, None)
         feedback = {f.item_id: (f, raw) for f, raw in self._take_feedback(partition, rid)}
-        self._score(partition, user_id, ts, items, sample_tail(shared, context), feedback, context)
+        try:
+            self._score(partition, user_id, ts, items, sample_tail(shared, context), feedback, context)
+        except SchemaError as exc:   # a new user's context, read here for the first time (fast_schemas)
+            as_sent = b"".join((shared[:-1], b',"items":', encode(items), b',"context":', context, b"}"))
+            self._dead(topic="impressions", reason=exc.reason, original=as_sent, key=user_key(user_id))
         self.stats.joined_requests += 1
         self.stats.joined_feedback += len(feedback)
         forget_at = ts + self.window + self.cfg.closed_retention_s

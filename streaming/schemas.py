@@ -141,7 +141,7 @@ def _str(value: Any, name: str) -> str:
     return value
 
 
-def _require(event: dict, name: str, where: str = "") -> Any:
+def require(event: dict, name: str, where: str = "") -> Any:
     if name not in event:
         raise SchemaError(f"{where}{name} is required")
     return event[name]
@@ -164,7 +164,7 @@ def _behaviour(value: Any, name: str) -> Behaviour:
         raise SchemaError(f"{name} must be an object with item_id, duration_s, play_time_s, flags")
     out = {}
     for key in ("item_id", "duration_s", "play_time_s", "flags"):
-        seq = _require(value, key, f"{name}.")
+        seq = require(value, key, f"{name}.")
         if not isinstance(seq, list):
             raise SchemaError(f"{name}.{key} must be a list")
         out[key] = seq
@@ -186,13 +186,13 @@ def validate_context(context: Any, name: str = "context") -> UserContext:
     """The user context of interfaces.md; at least one token (the profile counts)."""
     if not isinstance(context, dict):
         raise SchemaError(f"{name} must be an object with profile, short, long")
-    profile = _require(context, "profile", f"{name}.")
+    profile = require(context, "profile", f"{name}.")
     if not isinstance(profile, list):
         raise SchemaError(f"{name}.profile must be a list of integers")
     for i, v in enumerate(profile):
         _int(v, f"{name}.profile[{i}]", minimum=0)
-    short = _behaviour(_require(context, "short", f"{name}."), f"{name}.short")
-    long = _behaviour(_require(context, "long", f"{name}."), f"{name}.long")
+    short = _behaviour(require(context, "short", f"{name}."), f"{name}.short")
+    long = _behaviour(require(context, "long", f"{name}."), f"{name}.long")
     if not profile and not short["item_id"] and not long["item_id"]:
         raise SchemaError(f"{name} must have at least one token (profile, short or long)")
     return context  # type: ignore[return-value]
@@ -218,17 +218,17 @@ def _arm(event: dict) -> None:
 
 def validate_impression(event: dict, *, check_context: bool = True) -> Impression:
     """The reference check of an impression, field by field; `check_context=False`: all but the context."""
-    _str(_require(event, "request_id"), "request_id")
-    _int(_require(event, "user_id"), "user_id", minimum=0)
-    _float(_require(event, "ts"), "ts", minimum=0.0)
-    _int(_require(event, "model_version"), "model_version", minimum=0)
-    source = _require(event, "source")
+    _str(require(event, "request_id"), "request_id")
+    _int(require(event, "user_id"), "user_id", minimum=0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
+    _int(require(event, "model_version"), "model_version", minimum=0)
+    source = require(event, "source")
     if source not in SOURCES:
         raise SchemaError(f"source must be one of {SOURCES}, got {source!r}")
     _arm(event)
     if check_context:
-        validate_context(_require(event, "context"))
-    items = _require(event, "items")
+        validate_context(require(event, "context"))
+    items = require(event, "items")
     if not isinstance(items, list) or not items:
         raise SchemaError("items must be a non-empty list")
     seen: set[int] = set()
@@ -236,12 +236,12 @@ def validate_impression(event: dict, *, check_context: bool = True) -> Impressio
         where = f"items[{i}]."
         if not isinstance(item, dict):
             raise SchemaError(f"items[{i}] must be an object")
-        item_id = _int(_require(item, "item_id", where), f"{where}item_id", minimum=0)
+        item_id = _int(require(item, "item_id", where), f"{where}item_id", minimum=0)
         if item_id in seen:
             raise SchemaError(f"{where}item_id {item_id} is shown twice in one request")
         seen.add(item_id)
         _semantic_id(item.get("semantic_id"), f"{where}semantic_id", nullable=source == "legacy")
-        _float(_require(item, "duration_s", where), f"{where}duration_s", minimum=0.0)
+        _float(require(item, "duration_s", where), f"{where}duration_s", minimum=0.0)
         logprob = item.get("logprob")
         if source == "onerec":
             if logprob is None:
@@ -255,12 +255,12 @@ def validate_impression(event: dict, *, check_context: bool = True) -> Impressio
 
 def validate_feedback(event: dict) -> Feedback:
     """The reference check of a feedback event, field by field."""
-    _str(_require(event, "request_id"), "request_id")
-    _int(_require(event, "user_id"), "user_id", minimum=0)
-    _int(_require(event, "item_id"), "item_id", minimum=0)
-    _float(_require(event, "ts"), "ts", minimum=0.0)
-    _float(_require(event, "play_time_s"), "play_time_s", minimum=0.0)
-    _bool(_require(event, "dislike"), "dislike")
+    _str(require(event, "request_id"), "request_id")
+    _int(require(event, "user_id"), "user_id", minimum=0)
+    _int(require(event, "item_id"), "item_id", minimum=0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
+    _float(require(event, "play_time_s"), "play_time_s", minimum=0.0)
+    _bool(require(event, "dislike"), "dislike")
     for name in OPTIONAL_ACTIONS:
         if name in event:
             _bool(event[name], name)
@@ -270,29 +270,29 @@ def validate_feedback(event: dict) -> Feedback:
 def validate_sample(event: dict) -> Sample:
     """The reference check of a sample, field by field."""
     for name in ("request_id", "source"):
-        _str(_require(event, name), name)
-    _int(_require(event, "user_id"), "user_id", minimum=0)
-    _int(_require(event, "item_id"), "item_id", minimum=0)
-    _float(_require(event, "ts"), "ts", minimum=0.0)
-    _int(_require(event, "model_version"), "model_version", minimum=0)
-    validate_context(_require(event, "context"))
-    _semantic_id(_require(event, "semantic_id"), "semantic_id", nullable=event["source"] == "legacy")
-    _float(_require(event, "duration_s"), "duration_s", minimum=0.0)
-    if _require(event, "logprob") is not None:
+        _str(require(event, name), name)
+    _int(require(event, "user_id"), "user_id", minimum=0)
+    _int(require(event, "item_id"), "item_id", minimum=0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
+    _int(require(event, "model_version"), "model_version", minimum=0)
+    validate_context(require(event, "context"))
+    _semantic_id(require(event, "semantic_id"), "semantic_id", nullable=event["source"] == "legacy")
+    _float(require(event, "duration_s"), "duration_s", minimum=0.0)
+    if require(event, "logprob") is not None:
         _float(event["logprob"], "logprob")
-    feedback = _require(event, "feedback")
+    feedback = require(event, "feedback")
     if feedback is not None:
         if not isinstance(feedback, dict):
             raise SchemaError(f"feedback must be a feedback event (an object) or null, got {type(feedback).__name__}")
         validate_feedback(feedback)
-    q = _require(event, "q")
+    q = require(event, "q")
     if q is not None:
         q = _float(q, "q", minimum=0.0)
         if q > 1.0:
             raise SchemaError(f"q must be <= 1, got {q}")
     if (feedback is None) != (q is None):
         raise SchemaError("q must be set exactly when feedback is set")
-    _int(_require(event, "duration_bucket"), "duration_bucket")
+    _int(require(event, "duration_bucket"), "duration_bucket")
     _arm(event)
     return event  # type: ignore[return-value]
 
@@ -328,12 +328,12 @@ def decode_sample(raw: bytes | dict) -> Sample:
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:
     event = json_object(raw, "dead letter")
-    _str(_require(event, "topic"), "topic")
-    _str(_require(event, "reason"), "reason")
-    original = _require(event, "original")
+    _str(require(event, "topic"), "topic")
+    _str(require(event, "reason"), "reason")
+    original = require(event, "original")
     if not isinstance(original, str):
         raise SchemaError("original must be a base64 string")
-    _float(_require(event, "ts"), "ts", minimum=0.0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
     return event  # type: ignore[return-value]
 
 

@@ -198,13 +198,24 @@ def test_events_with_a_wrong_key_or_on_a_wrong_partition_are_dead_letters():
     assert j.stores["impressions"] == {} and j.max_ts == {}   # none of them counted
 
 
-def test_a_malformed_context_is_a_dead_letter_naming_the_field():
+def test_a_new_users_malformed_context_is_a_dead_letter_naming_the_field():
+    """The join reads a context only to start a new user's history (at the request's close): a bad one then
+    makes the request a dead letter; a context that is no object at all is refused on arrival."""
     j = joiner()
     bad = orjson.loads(imp("a", 1, 100.0))
     bad["context"]["short"] = {"item_id": ["x"], "duration_s": [1.0], "play_time_s": [1.0], "flags": [0]}
     send(j, "impressions", orjson.dumps(bad))
-    reasons = [schemas.decode_dead_letter(o.value)["reason"] for o in j.drain().outputs]
-    assert len(reasons) == 1 and "context.short.item_id[0]" in reasons[0], reasons
+    send(j, "impressions", orjson.dumps(dict(bad, request_id="b", context=[1])))
+    send(j, "impressions", imp("z", 1, 500.0))
+    send(j, "feedback", fb("z", 1, 1, 500.0))
+    j.close_due()
+    batch = j.drain()
+    letters = [schemas.decode_dead_letter(o.value) for o in batch.outputs if o.kind == "dead-letters"]
+    reasons = [d["reason"] for d in letters]
+    assert len(reasons) == 2 and "context must be an object" in reasons[0], reasons
+    assert "context.short.item_id[0]" in reasons[1] and letters[1]["topic"] == "impressions"
+    assert orjson.loads(schemas.dead_letter_original(letters[1])) == dict(bad, arm=None)
+    assert samples_of(batch) == [] and "users" not in {w.table for w in batch.writes.values()}
 
 
 def test_samples_carry_the_arm_and_the_impressions_own_members():
