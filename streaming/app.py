@@ -56,7 +56,7 @@ def _credentials(cfg: StreamConfig):
 
 
 class JoinWorker:
-    """The Faust app, its topics and Tables, and the two state machines it drives."""
+    """The Faust app, its topics and Tables, and the one-stage state machine (`UserJoin`) its agents drive."""
 
     def __init__(self, cfg: StreamConfig, *, datadir: str | Path | None = None):
         self.cfg = cfg
