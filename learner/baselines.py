@@ -23,7 +23,8 @@ from torch import nn
 from learner.config import ModelConfig
 from learner.context import ContextEmbedder
 from learner.features import ContextBatch
-from learner.model import SemanticIdModel, attention, init_weights
+from learner.model import SemanticIdModel, init_weights
+from learner.ops.attention import attention
 from learner.moe import SwiGLU
 
 

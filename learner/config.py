@@ -24,7 +24,7 @@ analytic count lands within a few percent of the table's "Parameters" column:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # number of categorical features per context item (id, s1, s2, s3, duration, play, flags, segment, recency)
 N_ITEM_FEATURES = 9
@@ -131,7 +131,7 @@ class ModelConfig:
         embedding tables (lookups, not matmuls) - the "0.5B active" of 4B-A0.5B.
         `include_sparse`: include the hashed item-id embedding table.
         """
-        d, da, e, k = self.d_model, self.d_attn, self.embed_dim, self.codebook_size
+        d, da, k = self.d_model, self.d_attn, self.codebook_size
         total = context_embedder_params(self, d_out=self.d_context, include_sparse=include_sparse,
                                         tables=not active)
         total += self.l_kv * self.s_kv * self.g_kv * self.d_head       # RMSNorm_{k,l}, RMSNorm_{v,l}

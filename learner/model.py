@@ -18,8 +18,7 @@ from learner.context import ContextKV, ContextProcessor
 from learner.features import ContextBatch
 from learner.moe import MoEFeedForward, SwiGLU
 from learner.ops.rows import RMSNorm
-# `attention` and `ATTN_IMPLS` are re-exported for the callers that import them from here (baselines)
-from learner.ops.attention import ATTN_IMPLS, attention, cached_self_attention, cross_attention  # noqa: F401
+from learner.ops.attention import cached_self_attention, cross_attention
 
 
 # ----------------------------------------------------------------------------- blocks

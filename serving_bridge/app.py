@@ -195,7 +195,7 @@ class ServingBridge:
         if self.experiment:
             impression["arm"] = arm
         await self.producer.send(self.impressions_topic, schemas.encode_impression(impression),
-                                 key=request_id.encode())
+                                 key=str(user_id).encode())   # topic layout 2: keyed by user id
         self.views.remember(request_id, durations)
         self.requests += 1
         self.max_version_served = max(self.max_version_served, version)

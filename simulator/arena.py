@@ -11,7 +11,6 @@ A policy is `policy(user_id: int, context: dict, k: int) -> list[int]` (item ids
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Callable
 
@@ -19,22 +18,11 @@ import numpy as np
 
 from simulator.ledger import DAY_S, StayTimeLedger
 from simulator.world import World
+from streaming.arms import arm_of  # the one assignment: the online A/B and the arena split users alike
 
 Policy = Callable[[int, dict, int], list]
 
 
-def arm_of(user_id: int, arms, salt: str = "onerec-ab") -> str:
-    """The arm of a user: BLAKE2b-64 of "salt:user_id" modulo the number of arms, as a position in `arms`.
-
-    Any int maps to an arm; the same (id, arms, salt) always maps to the same arm; ids spread evenly.
-    """
-    arms = list(arms)
-    if not arms:
-        raise ValueError("arms must not be empty")
-    if len(set(arms)) != len(arms):
-        raise ValueError(f"arm names must be distinct, got {arms}")
-    digest = hashlib.blake2b(f"{salt}:{int(user_id)}".encode(), digest_size=8).digest()
-    return arms[int.from_bytes(digest, "little") % len(arms)]
 
 
 def fixed_policies(world: World, seed: int = 0) -> dict[str, Policy]:
@@ -75,7 +63,7 @@ def run_arena(world: World, policies: dict[str, Policy], *, days: float, n_users
         rng = np.random.default_rng(seed)
         user_ids = rng.choice(world.users, size=min(n_users, len(world.users)), replace=False)
     arms = list(policies)
-    arm_by_user = {int(u): arm_of(int(u), arms, salt) for u in user_ids}
+    arm_by_user = {int(u): arm_of(int(u), arms, salt=salt) for u in user_ids}
     cold = world.item_ids[world.model.item_fit_play_s <= 0]
     ledger = StayTimeLedger(len(world.item_ids), cold_items=cold)
     for u, a in arm_by_user.items():

@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from simulator import kuairand
-from simulator.fit import CHECK_QUANTILES, bucket_of
+from simulator.fit import BUCKET_EDGES_S, CHECK_QUANTILES, bucket_of
 from simulator.response import HEADS, ResponseModel, sigmoid
-from simulator.response_fit import normal_scores
+from simulator.response_fit import bucket_of as world_bucket_of, normal_scores
 
 _PRIOR_ROWS = 20.0   # pseudo-rows shrinking a video's rates toward the population's
 
@@ -70,7 +70,8 @@ def popularity_scores(model: ResponseModel, fit_log: kuairand.ImpressionLog, row
     idx = _placeable(model, fit_log)
     fr = np.array([item_row[int(v)] for v in fit_log.video_id[idx]], dtype=np.int64)
     dur = fit_log.duration_ms[idx] / 1000.0
-    z, _ = normal_scores((fit_log.play_time_ms[idx] / 1000.0) / dur, bucket_of(dur), np.random.default_rng(seed))
+    z, _ = normal_scores((fit_log.play_time_ms[idx] / 1000.0) / dur, world_bucket_of(dur),
+                         np.random.default_rng(seed))
     count = np.bincount(fr, minlength=n)
     out = np.zeros((len(rows), len(HEADS)))
     out[:, 0] = (np.bincount(fr, weights=z, minlength=n) / (count + _PRIOR_ROWS))[rows]
@@ -114,7 +115,7 @@ def _predictor_report(model: ResponseModel, scores: np.ndarray, rows: np.ndarray
             continue
         lq = np.quantile(log_play[m], CHECK_QUANTILES)
         pq = np.quantile(sampled[m], CHECK_QUANTILES)
-        per_bucket.append({"duration_s": [float(model.bucket_edges_s[b]), float(model.bucket_edges_s[b + 1])],
+        per_bucket.append({"duration_s": [float(BUCKET_EDGES_S[b]), float(BUCKET_EDGES_S[b + 1])],
                            "n": int(m.sum()), "log_s": [round(float(x), 3) for x in lq],
                            "pred_s": [round(float(x), 3) for x in pq],
                            "rel_err": [round(float(abs(p - q) / max(q, 1.0)), 4) for p, q in zip(pq, lq)]})
@@ -138,7 +139,7 @@ def check_world(model: ResponseModel, fit_log: kuairand.ImpressionLog, eval_log:
     fit_rows, _ = world_scores(model, fit_log)
     fit_idx = _placeable(model, fit_log)
     dur = fit_log.duration_ms[fit_idx] / 1000.0
-    z_fit, _ = normal_scores((fit_log.play_time_ms[fit_idx] / 1000.0) / dur, bucket_of(dur),
+    z_fit, _ = normal_scores((fit_log.play_time_ms[fit_idx] / 1000.0) / dur, world_bucket_of(dur),
                              np.random.default_rng(seed))
     pop_fit = popularity_scores(model, fit_log, fit_rows, seed)
     pop_model = _copula_for(model, pop_fit[:, 0], z_fit, fit_rows, rng)
@@ -157,14 +158,14 @@ def tolerance_report(model: ResponseModel, log: kuairand.ImpressionLog, *, rows:
     sim = model.sample(scores, item_rows, rng)
     log_play = sub.play_time_ms / 1000.0
     buckets = bucket_of(sub.duration_ms / 1000.0)
-    sim_buckets = model.bucket_of(model.item_duration_s[item_rows])
+    sim_buckets = bucket_of(model.item_duration_s[item_rows])
     report_buckets = []
-    for b in range(len(model.bucket_edges_s) - 1):
+    for b in range(len(BUCKET_EDGES_S) - 1):
         lm, sm = buckets == b, sim_buckets == b
         if lm.sum() < 50 or sm.sum() < 50:
             continue
         report_buckets.append({
-            "bucket": b, "duration_s": [float(model.bucket_edges_s[b]), float(model.bucket_edges_s[b + 1])],
+            "bucket": b, "duration_s": [float(BUCKET_EDGES_S[b]), float(BUCKET_EDGES_S[b + 1])],
             "n_log": int(lm.sum()), "n_sim": int(sm.sum()),
             "log_play_quantiles_s": [float(x) for x in np.quantile(log_play[lm], CHECK_QUANTILES)],
             "sim_play_quantiles_s": [float(x) for x in np.quantile(sim["play_time_s"][sm], CHECK_QUANTILES)]})

@@ -143,7 +143,26 @@ def fit_params(log: kuairand.ImpressionLog, cfg: SimulatorConfig) -> SimulatorPa
     user_var = float(offset[user_idx].var())
     noise_var = float(noise.var())
 
-    # flag tables P(flag | bucket, u-bin), smoothed toward the u-bin margin (dislikes: u-bin only)
+    flag_probs = _flag_tables(log, keep, bucket, u, n_buckets)
+
+    scalars = {
+        "relevance_coef": c,
+        "relevance_corr": float(np.corrcoef(z[has_rel], normal_score[has_rel])[0, 1]),
+        "user_var": user_var, "noise_var": noise_var, "relevance_window": cfg.relevance_window,
+        "n_rows": int(keep.sum()), "n_users": int(len(users)),
+        "log_like_rate": float(log.is_like[keep].mean()), "log_dislike_rate": float(log.is_hate[keep].mean()),
+        "source": "KuaiRand-Pure log_standard_2022-04-25_to_05-01 (CC BY-SA 4.0)",
+    }
+    return SimulatorParams(
+        bucket_edges_s=BUCKET_EDGES_S.copy(), quantile_levels=QUANTILE_LEVELS.copy(), ratio_quantiles=ratio_q,
+        u_bin_edges=U_BIN_EDGES.copy(), flag_probs=flag_probs, relevance_mean=rel_mean, relevance_std=rel_std,
+        user_ids=users.astype(np.int64),
+        user_offset=offset, item_ids=item_ids, item_durations_s=durations_s, item_embeddings=emb,
+        scalars=scalars)
+
+def _flag_tables(log: kuairand.ImpressionLog, keep: np.ndarray, bucket: np.ndarray, u: np.ndarray,
+                 n_buckets: int) -> np.ndarray:
+    """P(flag | duration bucket, u-bin) per flag, smoothed toward the u-bin margin (dislikes: u-bin only)."""
     u_bin = np.clip(np.searchsorted(U_BIN_EDGES, u, side="right") - 1, 0, len(U_BIN_EDGES) - 2)
     n_bins = len(U_BIN_EDGES) - 1
     columns = {"like": log.is_like, "follow": log.is_follow, "comment": log.is_comment,
@@ -161,21 +180,7 @@ def fit_params(log: kuairand.ImpressionLog, cfg: SimulatorConfig) -> SimulatorPa
         cell_k = np.bincount(cell, weights=hits, minlength=n_buckets * n_bins).reshape(n_buckets, n_bins)
         prior = 200.0  # pseudo-rows: a cell needs a few hundred rows before it leaves the margin
         flag_probs[f] = (cell_k + prior * bin_p[None, :]) / (cell_n + prior)
-
-    scalars = {
-        "relevance_coef": c,
-        "relevance_corr": float(np.corrcoef(z[has_rel], normal_score[has_rel])[0, 1]),
-        "user_var": user_var, "noise_var": noise_var, "relevance_window": cfg.relevance_window,
-        "n_rows": int(keep.sum()), "n_users": int(len(users)),
-        "log_like_rate": float(log.is_like[keep].mean()), "log_dislike_rate": float(log.is_hate[keep].mean()),
-        "source": "KuaiRand-Pure log_standard_2022-04-25_to_05-01 (CC BY-SA 4.0)",
-    }
-    return SimulatorParams(
-        bucket_edges_s=BUCKET_EDGES_S.copy(), quantile_levels=QUANTILE_LEVELS.copy(), ratio_quantiles=ratio_q,
-        u_bin_edges=U_BIN_EDGES.copy(), flag_probs=flag_probs, relevance_mean=rel_mean, relevance_std=rel_std,
-        user_ids=users.astype(np.int64),
-        user_offset=offset, item_ids=item_ids, item_durations_s=durations_s, item_embeddings=emb,
-        scalars=scalars)
+    return flag_probs
 
 
 def check_against_log(sim: UserSimulator, log: kuairand.ImpressionLog, *, rows: int,

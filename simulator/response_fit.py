@@ -19,13 +19,21 @@ import torch
 
 from simulator import kuairand
 from simulator.config import SimulatorConfig
-from simulator.fit import BUCKET_EDGES_S, QUANTILE_LEVELS, _randomized_ranks, bucket_of, catalogue
+from simulator.fit import QUANTILE_LEVELS, _randomized_ranks, catalogue
 from simulator.response import HEADS, ResponseModel
 
 _L2 = 3e-4              # per-row L2 on gathered parameters (validation sigma: 0.903 at 3e-4, 0.910 at 0.02)
 _BATCH = 8192
 _LR = 0.02
+# The world's own duration buckets for the play law: finer than the check's (simulator/fit.py), because
+# within a bucket the law of play / duration ignores the duration, and play time in seconds is checked.
+BUCKET_EDGES_S = np.array([0.0, 7.0, 8.0, 11.0, 15.0, 22.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0,
+                           400.0, np.inf])
 _DEFAULT_REPEAT_SHIFT = 0.5   # used when the log holds too few re-watched rows to measure it
+
+
+def bucket_of(duration_s: np.ndarray) -> np.ndarray:
+    return np.clip(np.searchsorted(BUCKET_EDGES_S, duration_s, side="right") - 1, 0, len(BUCKET_EDGES_S) - 2)
 
 
 def normal_scores(ratio: np.ndarray, buckets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +172,7 @@ def fit_response_model(fit_log: kuairand.ImpressionLog, cfg: SimulatorConfig, *,
     item_vec[~seen_i] = model.w(model.e[torch.from_numpy(np.flatnonzero(~seen_i))]).detach().numpy()
 
     log_val = val[:len(log_u)]
+    _calibrate_intercepts(g, a, b, r, (p[log_u] * item_vec[log_i]), log_u, log_i, targets[:len(log_u)])
     stack = _stack_play_head(g, a, b, r, (p[log_u] * item_vec[log_i]), log_u, log_i, z, log_val)
     s_play = g[0] + a[log_u, 0] + b[log_i, 0] + ((p[log_u] * item_vec[log_i]) @ r[0])
     sigma = float(np.sqrt(max(np.mean((z - s_play)[log_val] ** 2), 1e-3)))
@@ -190,6 +199,22 @@ def fit_response_model(fit_log: kuairand.ImpressionLog, cfg: SimulatorConfig, *,
         item_bias=b, item_duration_s=durations, item_embedding=emb, item_fit_play_s=fit_play,
         head_bias=g, head_weight=r, bucket_edges_s=BUCKET_EDGES_S.copy(), levels=QUANTILE_LEVELS.copy(),
         ratio_quantiles=ratio_table, score_quantiles=score_q, scalars=scalars)
+
+
+def _calibrate_intercepts(g, a, b, r, inter: np.ndarray, log_u, log_i, log_targets: np.ndarray) -> None:
+    """Shift each logistic head's intercept so its mean probability over the log rows is the log's rate
+    (in place). The histories' rows (watches, not impressions) pull the intercepts toward their own rates;
+    the world serves impressions."""
+    from simulator.response import sigmoid
+
+    for h in range(1, len(HEADS)):
+        s = g[h] + a[log_u, h] + b[log_i, h] + inter @ r[h]
+        target = float(log_targets[:, h].mean())
+        lo, hi = -10.0, 10.0
+        for _ in range(50):                                  # bisection on the shift: mean sigmoid is monotone
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if sigmoid(s + mid).mean() < target else (lo, mid)
+        g[h] += 0.5 * (lo + hi)
 
 
 def _stack_play_head(g, a, b, r, inter: np.ndarray, log_u, log_i, z: np.ndarray, val: np.ndarray) -> list[float]:

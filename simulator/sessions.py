@@ -11,7 +11,7 @@ when too many of the recent items are within a distance threshold of each other)
                                + repeat_cost * [video in the user's recent history]
                                + crowd_cost * [more than crowd_max of the session's last crowd_window
                                                videos lie within crowd_distance of it]
-    satisfaction = min(1, play_time / min(duration, 18 s))       (1 = KuaiRand's long view)
+    satisfaction = min(1, play_time / min(18 s, 0.9 duration))   (1 = KuaiRand's long view)
     the session ends after the page on which patience reaches 0.
 
 After a session the user returns after an exponential gap with mean
@@ -37,7 +37,7 @@ def satisfaction(play_time_s: float, duration_s: float) -> float:
     """In [0, 1]: the share of a long view the play reached (a zero-length video satisfies nothing)."""
     if duration_s <= 0:
         return 0.0
-    return float(min(1.0, max(0.0, play_time_s) / min(duration_s, LONG_VIEW_S)))
+    return float(min(1.0, max(0.0, play_time_s) / min(LONG_VIEW_S, 0.9 * duration_s)))
 
 
 @dataclass

@@ -1,52 +1,46 @@
 """The Faust engine of the join worker (`stream.engine = "faust"`, the reference): impressions + feedback into samples.
 
-Invariant: at-least-once, and no sample is lost by a crash at any point. Each agent works in batches
-(`take_events`) and finishes a batch in this order:
-  1. produce the batch's outputs (joined records / samples / dead letters) and wait for their acks;
-  2. only then send the batch's state changes to the Tables' changelogs;
-  3. Faust acks the input events; it flushes the producer before it commits their offsets.
-A SIGKILL between 1 and 2 replays the batch on restart against the state of before the batch and
-re-emits the same records (a duplicate, identical; consumers dedupe by `(request_id, item_id)`,
-see `SampleDeduplicator`); a kill anywhere else re-emits nothing or nothing new.
+Invariant: at-least-once, and no sample is lost by a crash at any point: every batch goes through
+the one commit path of streaming/commit.py (outputs acknowledged, then the changelog), and Faust
+commits the offsets of the events an agent acknowledged only after it flushed its producer (so the
+changelog records are out first). A SIGKILL before the changelog replays the batch on restart
+against the state of before the batch and re-emits the same records (identical; consumers dedupe by
+`(request_id, item_id)`).
 
-Agents (one per job):
-  - `join_requests`: impressions + feedback + ticks (co-partitioned by request_id) -> `joined`
-    (keyed by user_id); Tables `impressions`, `feedback`, `closed` (see streaming/join.py). After
-    each batch's joined records are acknowledged it sends a watermark heartbeat ("partition p has
-    closed every request with ts + window <= mark") to every `joined` partition.
-  - `score_samples`: `joined` -> `samples` (keyed by request_id) with q; Tables `users`, `waiting`
-    (requests wait until every join partition's heartbeat passed them, then score in ts order).
-  - a timer sends one tick per partition every `tick_interval_s` so idle partitions still close,
-    and repeats the heartbeats.
-Outputs and changelog records go through the app's transport producer as whole record batches per
-topic partition (`JoinWorker.produce`), not `Topic.send`/`Table.__setitem__` nor per-message `send`:
-per-message machinery cost more than the join itself.
+Idiomatic Faust over the same one-stage state machine as the batched engine (`streaming.join.UserJoin`):
+  - one agent per input, `join_impressions` and `join_feedback`, over the co-partitioned (keyed by
+    user id) topics; each takes a batch (`take_events`), feeds it to the state machine, closes the due
+    windows and commits the batch;
+  - four Tables (`impressions`, `feedback`, `closed`, `users`) hold the state; their stores are the
+    state machine's stores, and its changes reach their changelogs through each Table's changelog
+    topic (`changelog_topic.send_soon`, the call Faust's own `Table.__setitem__` makes);
+  - outputs go through Faust topics (`Topic.send`, awaited to their acknowledgements);
+  - a timer closes the windows of idle partitions every `tick_interval_s` (it commits like a batch).
+The agents and the timer share the state machine; a lock runs one batch at a time through it and its
+commit, so a batch's state is never built on another's uncommitted one.
 
 Broker limits met here (embedded Tansu): no exactly-once (its InitProducerId v0 fails with aiokafka),
-so at-least-once with idempotent consumers; recovery's offset consistency check is off and Table
-recovery reads to the true end of each changelog (`count_every_changelog_record`: ListOffsets
-LATEST answers the last batch's base offset + 1); short session timeouts make group joins quick.
+so at-least-once with idempotent consumers; recovery's offset consistency check is off. Tansu answers
+ListOffsets LATEST with the last record batch's base offset + 1, so Faust's Table recovery can stop
+short of the newest changelog records after a restart (the batched engine reads to the fetch high
+watermark instead): one reason the batched engine is the default and runs the SIGKILL test.
 
     onerec worker --set stream.engine='"faust"'     # see streaming/worker.py
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import faust
-import orjson
 
+from streaming.commit import commit_batch
 from streaming.config import StreamConfig
-from streaming.join import WATERMARK_KEY, Batch, RequestJoiner, UserScorer, watermark_heartbeat
-from streaming.client import send_record_batches, true_end_offsets  # noqa: F401
-from streaming.partitioner import default_partition  # noqa: F401
-from streaming.topics import ensure_topics, topic_name
+from streaming.join import TABLES, Output, StateWrite, UserJoin
+from streaming.topics import check_layout, ensure_topics, topic_name
 
 log = logging.getLogger("onerec.worker")
 
@@ -62,7 +56,7 @@ def _credentials(cfg: StreamConfig):
 
 
 class JoinWorker:
-    """The Faust app, its topics and Tables, and the two state machines it drives."""
+    """The Faust app, its topics and Tables, and the one-stage state machine (`UserJoin`) its agents drive."""
 
     def __init__(self, cfg: StreamConfig, *, datadir: str | Path | None = None):
         self.cfg = cfg
@@ -97,134 +91,84 @@ class JoinWorker:
         )
         topic = lambda kind: self.app.topic(topic_name(cfg, kind), partitions=cfg.partitions,  # noqa: E731
                                             key_serializer="raw", value_serializer="raw", internal=False)
-        self.kind_of_topic = {topic_name(cfg, k): k for k in ("impressions", "feedback", "ticks", "joined")}
-        self.inputs = self.app.topic(topic_name(cfg, "impressions"), topic_name(cfg, "feedback"),
-                                     topic_name(cfg, "ticks"), partitions=cfg.partitions,
-                                     key_serializer="raw", value_serializer="raw")
-        self.ticks = topic("ticks")
-        self.joined = topic("joined")
-        self.outputs = {"joined": self.joined, "samples": topic("samples"), "dead-letters": topic("dead-letters")}
+        self.inputs = {kind: topic(kind) for kind in ("impressions", "feedback")}
+        self.outputs = {kind: topic(kind) for kind in ("samples", "dead-letters")}
         # keys and values are bytes: the app's raw serializers apply to the changelogs too
-        table = lambda name: self.app.Table(name, partitions=cfg.partitions, key_type=bytes,  # noqa: E731
-                                            value_type=bytes)
-        self.tables = {name: table(name) for name in RequestJoiner.tables + UserScorer.tables}
-        self.output_names = {kind: topic_name(cfg, kind) for kind in self.outputs}
-        self.changelog_names = {name: t.changelog_topic.get_topic_name() for name, t in self.tables.items()}
-        self.closed_through: dict[int, float] = {}   # join partition -> latest mark whose records are acked
-        self._heartbeat_lock = asyncio.Lock()
-        self.batches = {"join": 0, "score": 0}
-        self.timing = {"send": 0.0, "ack": 0.0, "changelog": 0.0, "logic": 0.0}
-        self.batch_events = {"join": 0, "score": 0}
-        self.joiner = RequestJoiner(cfg, {n: self.tables[n].data for n in RequestJoiner.tables})
-        self.scorer = UserScorer(cfg, {n: self.tables[n].data for n in UserScorer.tables})
-        self.app.agent(self.inputs, name="join_requests")(self.join_requests)
-        self.app.agent(self.joined, name="score_samples")(self.score_samples)
-        self.app.timer(cfg.tick_interval_s)(self.send_ticks)
+        self.tables = {name: self.app.Table(name, partitions=cfg.partitions, key_type=bytes, value_type=bytes)
+                       for name in TABLES}
+        self.join = UserJoin(cfg, {name: table.data for name, table in self.tables.items()})
+        self.lock = asyncio.Lock()
+        self.batches = {"impressions": 0, "feedback": 0, "timer": 0}
+        self.batch_events = {"impressions": 0, "feedback": 0}
+        self.timing = {"logic": 0.0, "outputs": 0.0, "changelog": 0.0}
+        self.app.agent(self.inputs["impressions"], name="join_impressions")(self.join_impressions)
+        self.app.agent(self.inputs["feedback"], name="join_feedback")(self.join_feedback)
+        self.app.timer(cfg.tick_interval_s)(self.close_idle)
         self.app.timer(10.0)(self.report)
 
-    def count_every_changelog_record(self) -> None:
-        """Table recovery must read every changelog record: correct the broker's short end offsets.
-
-        Faust restores a Table up to the changelog's end offset (ListOffsets LATEST). The embedded
-        broker answers with the last batch's base offset + 1, so the rest of that batch (the newest
-        state: pending impressions, closed markers) would be skipped - a restart could lose samples.
-        Against a real Kafka cluster this is a no-op. (Called by `run_worker`, not the constructor:
-        touching `app.consumer` starts its thread's event loop.)
-        """
-        consumer = self.app.consumer
-        reported_highwaters = consumer.highwaters
-
-        async def highwaters(*tps):
-            reported = await reported_highwaters(*tps)
-            return await asyncio.to_thread(true_end_offsets, self.cfg, reported)
-
-        consumer.highwaters = highwaters
-
-    async def join_requests(self, stream):
+    async def join_impressions(self, stream):
         async for events in stream.take_events(self.cfg.batch_max, within=self.cfg.batch_within_s):
-            self.batches["join"] += 1
-            self.batch_events["join"] += len(events)
+            await self.run_batch("impressions", events)
+
+    async def join_feedback(self, stream):
+        async for events in stream.take_events(self.cfg.batch_max, within=self.cfg.batch_within_s):
+            await self.run_batch("feedback", events)
+
+    async def run_batch(self, kind: str, events) -> None:
+        """One batch of one input through the state machine and the commit path (Faust acks the
+        events, and later commits their offsets, when the agent takes its next batch)."""
+        async with self.lock:
             t0 = time.perf_counter()
             for event in events:
                 msg = event.message
-                self.joiner.on_message(self.kind_of_topic[msg.topic], msg.partition, msg.key, msg.value)
-            self.joiner.close_due()
+                self.join.on_message(kind, msg.partition, msg.key, msg.value)
+            self.join.close_due()
+            batch = self.join.drain()
             self.timing["logic"] += time.perf_counter() - t0
-            batch = self.joiner.drain()
-            await self.commit(batch)
-            changed = {p: m for p, m in batch.closed_through.items() if m != self.closed_through.get(p)}
-            self.closed_through.update(changed)   # the latest mark: it falls back when an idle input resumes
-            await self.send_heartbeats(changed)
+            self.batches[kind] += 1
+            self.batch_events[kind] += len(events)
+            await commit_batch(self, batch, {})
 
-    async def score_samples(self, stream):
-        async for events in stream.take_events(self.cfg.batch_max, within=self.cfg.batch_within_s):
-            self.batches["score"] += 1
-            self.batch_events["score"] += len(events)
-            for event in events:
-                msg = event.message
-                self.scorer.on_joined(msg.partition, msg.key, msg.value)
-            self.scorer.release()
-            await self.commit(self.scorer.drain())
+    async def close_idle(self) -> None:
+        """Close the windows that idle partitions' wall clocks closed (no input event needed)."""
+        async with self.lock:
+            self.join.close_due()
+            batch = self.join.drain()
+            if len(batch):
+                self.batches["timer"] += 1
+                await commit_batch(self, batch, {})
 
-    async def commit(self, batch: Batch) -> None:
-        """Outputs first, acknowledged; then the state changes (see the module invariant)."""
-        if not len(batch):
-            return
+    # ---- the Sink of streaming/commit.py
+    async def send_outputs(self, outputs: list[Output]) -> None:
         t0 = time.perf_counter()
-        pending = await self.produce([(self.output_names[o.kind], None, o.key, o.value) for o in batch.outputs])
-        t1 = time.perf_counter()
-        if pending:
-            await asyncio.gather(*pending)   # raises if the broker refused one: the agent crashes, no commit
-        t2 = time.perf_counter()
-        # then the state changes, straight to the changelog topics (Faust flushes the producer
-        # before it commits the input offsets)
-        await self.produce([(self.changelog_names[w.table], w.partition, w.key, w.value)
-                            for w in batch.writes.values()])
-        self.timing["send"] += t1 - t0
-        self.timing["ack"] += t2 - t1
-        self.timing["changelog"] += time.perf_counter() - t2
+        pending = [await self.outputs[o.kind].send(key=o.key, value=o.value, partition=o.partition)
+                   for o in outputs]
+        await asyncio.gather(*pending)   # raises if the broker refused one: the agent crashes, no commit
+        self.timing["outputs"] += time.perf_counter() - t0
 
-    async def produce(self, records: list[tuple[str, int | None, bytes, bytes | None]]) -> list:
-        """Queue (topic, partition or None = by key, key, value) records as whole record batches through
-        the app's transport producer (`streaming.client.send_record_batches`); return their futures."""
-        if not records:
-            return []
-        producer = self.app.producer._ensure_producer()   # the AIOKafkaProducer underneath
-        return await send_record_batches(producer, records, self.cfg.partitions)
+    async def send_changelog(self, writes: list[StateWrite]) -> None:
+        """Into each Table's changelog, as `Table.__setitem__` would; Faust flushes them before it
+        commits the input offsets."""
+        t0 = time.perf_counter()
+        for w in writes:
+            self.tables[w.table].changelog_topic.send_soon(key=w.key, value=w.value, partition=w.partition,
+                                                          key_serializer="raw", value_serializer="raw")
+        self.timing["changelog"] += time.perf_counter() - t0
 
-    async def send_heartbeats(self, marks: dict[int, float]) -> None:
-        """Tell every scorer partition how far each join partition has closed (after the acks of
-        the joined records they cover, so a heartbeat never overtakes a record).
-
-        The agent and the tick timer both send; stage 2 keeps the latest mark per source, so the
-        sends are serialized and each sends the mark current when it is sent, never a stale copy."""
-        async with self._heartbeat_lock:
-            for source in marks:
-                beat = watermark_heartbeat(source, self.closed_through[source])
-                for partition in range(self.cfg.partitions):
-                    await self.joined.send(key=WATERMARK_KEY, value=beat, partition=partition)
-
-    async def send_ticks(self) -> None:
-        now = orjson.dumps(time.time())
-        for partition in range(self.cfg.partitions):
-            await self.ticks.send(key=b"tick", value=now, partition=partition)
-        await self.send_heartbeats(dict(self.closed_through))
+    async def commit_offsets(self, offsets: dict) -> None:
+        """Faust commits the offsets of acknowledged events itself (module docstring)."""
 
     async def report(self) -> None:
-        log.info("join %s | score %s | batches %s events %s timing %s", self.joiner.stats, self.scorer.stats,
-                 self.batches, self.batch_events, {k: round(v, 2) for k, v in self.timing.items()})
-
-
-def build_app(cfg: StreamConfig, **kwargs) -> faust.App:
-    return JoinWorker(cfg, **kwargs).app
+        log.info("join %s | batches %s events %s timing %s", self.join.stats, self.batches, self.batch_events,
+                 {k: round(v, 2) for k, v in self.timing.items()})
 
 
 def run_worker(cfg: StreamConfig, *, loglevel: str = "warning", create_topics: bool = True) -> int:
     """Run the worker in this process until SIGTERM/SIGINT."""
     if create_topics:
         ensure_topics(cfg)
+    check_layout(cfg)   # refuses topics written under another keying, with the way out
     worker = JoinWorker(cfg)
-    worker.count_every_changelog_record()
     faust_worker = faust.Worker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     faust_worker.execute_from_commandline()   # returns via SystemExit when stopped
     return 0

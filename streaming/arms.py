@@ -15,6 +15,8 @@ def arm_of(user_id: int, arms: Sequence[str], *, salt: str = "onerec-ab") -> str
     """The arm of `user_id` among `arms` (order matters: it is part of the experiment's definition)."""
     if not arms:
         raise ValueError("arm_of: no arms")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"arm_of: arm names must be distinct, got {list(arms)}")
     if isinstance(user_id, bool) or not isinstance(user_id, int):
         raise ValueError(f"arm_of: user_id must be an int, got {type(user_id).__name__}")
     digest = xxhash.xxh3_64_intdigest(f"{salt}\x00{user_id}".encode())

@@ -1,20 +1,18 @@
-"""The batched join worker: the same two state machines as the Faust app, driven batch by batch.
+"""The batched join worker (the default engine): the one-stage join of streaming/join.py, driven batch by batch.
 
 Invariant (the same as streaming/app.py's, at-least-once, no loss on SIGKILL): each batch of input
-records is finished in this order, and nothing is marked done before what it produced is durable:
-  1. the batch's outputs (joined records, samples, dead letters) are produced and acknowledged;
-  2. then the batch's state changes go to the changelog topics, acknowledged;
-  3. then the input offsets are committed.
-A crash before 3 replays the batch on restart against the state of before the batch (rebuilt from
-the changelogs) and re-emits identical records; consumers dedupe by `(request_id, item_id)`.
-While a batch finishes (1-3, mostly waiting for the broker) the next one is fetched and joined in
+records is finished by `streaming.commit.commit_batch` (outputs acknowledged, then the changelog,
+then the offsets), and nothing is marked done before what it produced is durable. A crash before
+the offsets replays the batch on restart against the state restored from the changelogs and
+re-emits identical records; consumers dedupe by `(request_id, item_id)`.
+While a batch finishes (mostly waiting for the broker) the next one is fetched and joined in
 memory; it starts finishing only after the previous one committed, so batches commit in order.
 
 Why a second engine: Faust pays several hundred microseconds of per-event machinery (an Event
 object, a queue hop, per-event ack bookkeeping) before any join logic runs; that capped the join at
 ~1.3k events/s on the KuaiRand week. Here one aiokafka consumer (group `cfg.app_id`, the same
 group and offsets as the Faust app) fetches up to `batch_max` records per `getmany`, and the loop
-hands them straight to `RequestJoiner` / `UserScorer` (streaming/join.py). The Faust app stays the
+hands them straight to `UserJoin` (streaming/join.py). The Faust app stays the
 reference engine (`stream.engine = "faust"`); both read and write the same topics and records and use
 the same consumer group and changelog names (`<app_id>-<table>-changelog`), so a deployment runs one
 engine at a time (their group protocols differ: a group holding a member of one refuses the other).
@@ -22,10 +20,10 @@ engine at a time (their group protocols differ: a group holding a member of one 
 Tables: each table is a dict; on every (re)assignment the worker drops its state and restores the
 assigned partitions of every changelog from the beginning to the fetch high watermark (the true end:
 the embedded broker's ListOffsets LATEST is short, see docs). Idle partitions still close their
-windows: the loop runs `close_due` after every fetch, empty or not, and repeats the stage-1
-watermark heartbeats every `tick_interval_s`. An input counts as idle only when nothing is left to
+windows: the loop runs `close_due` after every fetch, empty or not. An input counts as idle only when nothing is left to
 read in it (position = fetch high watermark) - a backlogged or just-restored reader never closes a
-window on the wall clock.
+window on the wall clock. Before it joins, the worker checks the namespace's topic layout
+(`streaming.topics.check_layout`) and refuses topics written under another keying.
 
     onerec worker                                  # stream.engine = "batched" (default)
     onerec worker --set stream.engine='"faust"'    # the Faust app
@@ -38,16 +36,15 @@ import logging
 import signal
 import time
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from streaming.client import send_record_batches
+from streaming.commit import commit_batch
 from streaming.config import StreamConfig
-from streaming.join import WATERMARK_KEY, Batch, RequestJoiner, UserScorer, watermark_heartbeat
-from streaming.topics import changelog_topic, ensure_changelog_topics, ensure_topics, topic_name
+from streaming.join import TABLES, Batch, Output, StateWrite, UserJoin
+from streaming.topics import check_layout, changelog_topic, ensure_changelog_topics, ensure_topics, topic_name
 
 log = logging.getLogger("onerec.worker")
-TABLES = RequestJoiner.tables + UserScorer.tables
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -67,27 +64,24 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class BatchJoinWorker:
-    """aiokafka consumer -> RequestJoiner/UserScorer -> produce, changelog, commit, per batch."""
+    """aiokafka consumer -> UserJoin -> `commit_batch` (produce, changelog, commit), per batch."""
 
     def __init__(self, cfg: StreamConfig):
         self.cfg = cfg
-        self.kind_of_topic = {topic_name(cfg, k): k for k in ("impressions", "feedback", "joined")}
-        self.output_names = {k: topic_name(cfg, k) for k in ("joined", "samples", "dead-letters")}
+        self.kind_of_topic = {topic_name(cfg, k): k for k in ("impressions", "feedback")}
+        self.output_names = {k: topic_name(cfg, k) for k in ("samples", "dead-letters")}
         self.changelog_names = {t: changelog_topic(cfg, t) for t in TABLES}
         self.batch_lock = asyncio.Lock()
         self.generation = 0                       # bumped on every rebalance: an older fetch is dropped
         self.partitions: list[int] = []           # partition numbers assigned (the same in every input)
         self.input_tps: dict[tuple[int, str], TopicPartition] = {}   # (partition, input) -> its TopicPartition
         self.stores: dict[str, dict[bytes, bytes]] = {t: {} for t in TABLES}
-        self.joiner = RequestJoiner(cfg, {t: self.stores[t] for t in RequestJoiner.tables})
-        self.scorer = UserScorer(cfg, {t: self.stores[t] for t in UserScorer.tables})
-        self.closed_through: dict[int, float] = {}  # stage-1 partition -> latest mark whose joined records are acked
+        self.join = UserJoin(cfg, self.stores)
         self.counts = {"batches": 0, "events": 0, "restored_records": 0}
         self.timing = {"fetch": 0.0, "logic": 0.0, "wait": 0.0, "outputs": 0.0, "changelog": 0.0, "commit": 0.0}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
-        self._last_beat = 0.0
         self._finishing: asyncio.Task | None = None   # the previous batch's produce/changelog/commit
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -135,29 +129,24 @@ class BatchJoinWorker:
                 return   # a rebalance happened while fetching: positions went back to the commits
             offsets: dict[TopicPartition, int] = {}
             n = 0
+            on_message = self.join.on_message
             for tp, records in fetched.items():
                 if not records:
                     continue
                 kind = self.kind_of_topic[tp.topic]
                 n += len(records)
-                if kind == "joined":
-                    on_joined = self.scorer.on_joined
-                    for r in records:
-                        on_joined(tp.partition, r.key, r.value)
-                else:
-                    on_message = self.joiner.on_message
-                    for r in records:
-                        on_message(kind, tp.partition, r.key, r.value)
+                partition = tp.partition
+                for r in records:
+                    on_message(kind, partition, r.key, r.value)
                 offsets[tp] = records[-1].offset + 1
             await self._pace_inputs()
-            self.joiner.close_due()    # also on an empty fetch: idle partitions close by wall clock
-            self.scorer.release()
-            stage1, stage2 = self.joiner.drain(), self.scorer.drain()
+            self.join.close_due()    # also on an empty fetch: idle partitions close by wall clock
+            batch = self.join.drain()
             t2 = time.perf_counter()
             # the previous batch finished while this one was fetched and joined; this one finishes
             # while the next is: one batch in flight, committed strictly in order
             await self.finished()
-            self._finishing = asyncio.create_task(self._finish([stage1, stage2], offsets))
+            self._finishing = asyncio.create_task(self._finish(batch, offsets))
             self.counts["events"] += n
             self.counts["batches"] += 1 if n else 0
             self.timing["fetch"] += t1 - t0
@@ -177,12 +166,11 @@ class BatchJoinWorker:
         behind: dict[tuple[int, str], bool] = {}
         for tp in self.consumer.assignment():
             kind = self.kind_of_topic[tp.topic]
-            if kind != "joined":
-                high = self.consumer.highwater(tp)
-                behind[(tp.partition, kind)] = high is None or await self.consumer.position(tp) < high
-                if behind[(tp.partition, kind)]:
-                    self.joiner.input_behind(tp.partition, kind)
-        window, max_ts = self.cfg.feedback_window_s, self.joiner.max_ts
+            high = self.consumer.highwater(tp)
+            behind[(tp.partition, kind)] = high is None or await self.consumer.position(tp) < high
+            if behind[(tp.partition, kind)]:
+                self.join.input_behind(tp.partition, kind)
+        window, max_ts = self.cfg.feedback_window_s, self.join.max_ts
         pause, resume = [], []
         for partition in self.partitions:
             for kind, other in (("impressions", "feedback"), ("feedback", "impressions")):
@@ -203,43 +191,32 @@ class BatchJoinWorker:
             task, self._finishing = self._finishing, None
             await task
 
-    async def _finish(self, batches: list[Batch], offsets: dict[TopicPartition, int]) -> None:
-        """Outputs acked, then the changelog acked, then the offsets committed (the module invariant);
-        then the stage-1 watermarks the acked joined records allow."""
+    async def _finish(self, batch: Batch, offsets: dict[TopicPartition, int]) -> None:
+        """The batch through the one commit path (streaming/commit.py), this worker as its Sink."""
+        await commit_batch(self, batch, offsets)
+
+    # ---- the Sink of streaming/commit.py
+    async def send_outputs(self, outputs: list[Output]) -> None:
         t0 = time.perf_counter()
-        outputs = [(self.output_names[o.kind], None, o.key, o.value) for b in batches for o in b.outputs]
-        await self._produce_and_wait(outputs)
-        t1 = time.perf_counter()
-        writes = [(self.changelog_names[w.table], w.partition, w.key, w.value)
-                  for b in batches for w in b.writes.values()]
-        await self._produce_and_wait(writes)
-        t2 = time.perf_counter()
-        if offsets:
-            await self.consumer.commit(offsets)
-        self.timing["outputs"] += t1 - t0
-        self.timing["changelog"] += t2 - t1
-        self.timing["commit"] += time.perf_counter() - t2
-        await self._heartbeats(batches[0])
+        names = self.output_names
+        await self._produce_and_wait([(names[o.kind], o.partition, o.key, o.value) for o in outputs])
+        self.timing["outputs"] += time.perf_counter() - t0
+
+    async def send_changelog(self, writes: list[StateWrite]) -> None:
+        t0 = time.perf_counter()
+        names = self.changelog_names
+        await self._produce_and_wait([(names[w.table], w.partition, w.key, w.value) for w in writes])
+        self.timing["changelog"] += time.perf_counter() - t0
+
+    async def commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        t0 = time.perf_counter()
+        await self.consumer.commit(offsets)
+        self.timing["commit"] += time.perf_counter() - t0
 
     async def _produce_and_wait(self, records: list) -> None:
         futures = await send_record_batches(self.producer, records, self.cfg.partitions)
         if futures:
             await asyncio.gather(*futures)   # raises if the broker refused one: no commit, the worker exits
-
-    async def _heartbeats(self, stage1: Batch) -> None:
-        """Stage-1 watermarks to every scorer partition: after the joined records they cover are
-        acked (so a heartbeat never overtakes a record), and again every `tick_interval_s`."""
-        changed = {p: m for p, m in stage1.closed_through.items() if m != self.closed_through.get(p)}
-        self.closed_through.update(changed)   # the latest mark: it falls back when an idle input resumes
-        now = time.monotonic()
-        if now - self._last_beat >= self.cfg.tick_interval_s:
-            changed, self._last_beat = dict(self.closed_through), now
-        if not changed:
-            return
-        joined = self.output_names["joined"]
-        beats = [(joined, partition, WATERMARK_KEY, watermark_heartbeat(source, mark))
-                 for source, mark in changed.items() for partition in range(self.cfg.partitions)]
-        await self._produce_and_wait(beats)
 
     # ---- tables --------------------------------------------------------------------------------
     async def restore(self, partitions: list[int]) -> None:
@@ -247,23 +224,21 @@ class BatchJoinWorker:
         t0 = time.perf_counter()
         for store in self.stores.values():
             store.clear()
-        self.joiner = RequestJoiner(self.cfg, {t: self.stores[t] for t in RequestJoiner.tables})
-        self.scorer = UserScorer(self.cfg, {t: self.stores[t] for t in UserScorer.tables})
-        self.closed_through = {}
+        self.join = UserJoin(self.cfg, self.stores)
         self.partitions = partitions
         self.input_tps = {(p, kind): TopicPartition(topic_name(self.cfg, kind), p)
                           for p in partitions for kind in ("impressions", "feedback")}
         n = await read_changelogs(self.cfg, self.stores, partitions)
         self.counts["restored_records"] += n
         for p in partitions:   # register every partition, so a quiet one still closes its windows
-            self.joiner.on_message("ticks", p, None, b"")
+            self.join.on_message("ticks", p, None, b"")
         log.info("assigned partitions %s: restored %d changelog records in %.2f s", partitions, n,
                  time.perf_counter() - t0)
 
     async def _report_every(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            log.info("join %s | score %s | %s | timing %s", self.joiner.stats, self.scorer.stats, self.counts,
+            log.info("join %s | %s | timing %s", self.join.stats, self.counts,
                      {k: round(v, 2) for k, v in self.timing.items()})
 
 
@@ -306,6 +281,7 @@ def run_worker(cfg: StreamConfig, *, create_topics: bool = True) -> int:
     """Run the batched worker in this process until SIGTERM/SIGINT."""
     if create_topics:
         ensure_topics(cfg)
+    check_layout(cfg)   # refuses topics written under another keying, with the way out
     ensure_changelog_topics(cfg, TABLES)
 
     async def main() -> None:
@@ -318,7 +294,7 @@ def run_worker(cfg: StreamConfig, *, create_topics: bool = True) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
-        log.info("stopped: join %s | score %s | %s", worker.joiner.stats, worker.scorer.stats, worker.counts)
+        log.info("stopped: join %s | %s", worker.join.stats, worker.counts)
 
     asyncio.run(main())
     return 0

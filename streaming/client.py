@@ -4,8 +4,7 @@ Invariant: every client here talks the Kafka protocol with `StreamConfig.client_
 SASL/SSL settings reach it) and never relies on end offsets (the embedded broker's ListOffsets
 LATEST can be short): readers start from the beginning or from committed offsets and poll.
 
-- `EventPublisher`: impressions and feedback, validated and keyed by request_id.
-- `SampleDeduplicator`: the consumer half of at-least-once - drops repeated `(request_id, item_id)`.
+- `EventPublisher`: impressions and feedback, validated and keyed by user id (`streaming.join.user_key`).
 - `read_events(cfg, kind, ...)`: read a topic from the beginning until a condition or a timeout.
 - `WorkerProcess`: `python -m streaming.worker` (either engine) as a subprocess (tests, benchmark, `onerec run`).
 """
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from streaming.topics import topic_name
 
 
 class EventPublisher:
-    """Produces impressions and feedback (validated, keyed by request_id) with kafka-python."""
+    """Produces impressions and feedback (validated, keyed by the user id as decimal ASCII bytes, placed by
+    Kafka's default murmur2 partitioner: the contract of topic layout 2) with kafka-python."""
 
     def __init__(self, cfg: StreamConfig, **producer_options):
         from kafka import KafkaProducer
@@ -41,10 +40,10 @@ class EventPublisher:
         self.topics = {k: topic_name(cfg, k) for k in ("impressions", "feedback")}
 
     def impression(self, event: schemas.Impression):
-        return self.send_raw("impressions", event["request_id"].encode(), schemas.encode_impression(event))
+        return self.send_raw("impressions", str(event["user_id"]).encode(), schemas.encode_impression(event))
 
     def feedback(self, event: schemas.Feedback):
-        return self.send_raw("feedback", event["request_id"].encode(), schemas.encode_feedback(event))
+        return self.send_raw("feedback", str(event["user_id"]).encode(), schemas.encode_feedback(event))
 
     def send_raw(self, kind: str, key: bytes | None, value: bytes):
         """Unvalidated bytes (tests of the dead-letter path use it too)."""
@@ -61,29 +60,6 @@ class EventPublisher:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class SampleDeduplicator:
-    """Remembers the last `capacity` sample ids; `first_time(sample)` is False for a repeat.
-
-    Delivery is at-least-once: a worker crash can re-emit samples of its last batch (identical
-    copies). A consumer that must train on each sample once keeps one of these.
-    """
-
-    def __init__(self, capacity: int = 1_000_000):
-        self.capacity = capacity
-        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self.repeats = 0
-
-    def first_time(self, sample: schemas.Sample) -> bool:
-        key = schemas.sample_id(sample)
-        if key in self._seen:
-            self.repeats += 1
-            return False
-        self._seen[key] = None
-        if len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
-        return True
 
 
 async def send_record_batches(producer, records: list[tuple[str, int | None, bytes, bytes | None]],
@@ -143,37 +119,6 @@ def read_events(cfg: StreamConfig, kind: str, *, until: Callable[[list], bool] |
             if idle_s is not None and time.monotonic() - last_new > idle_s:
                 break
         return records
-    finally:
-        consumer.close()
-
-
-def true_end_offsets(cfg: StreamConfig, reported: dict, *, quiet_ms: int = 300) -> dict:
-    """End offsets that count every record, given the broker's reported ones ({(topic, partition): offset}).
-
-    Tansu answers ListOffsets LATEST with the last record batch's base offset + 1, which is short by
-    the rest of that batch; reading from `reported - 1` to the end of the partition finds the truth.
-    Keys are kept as given (Faust's TP namedtuples work).
-    """
-    from kafka import KafkaConsumer, TopicPartition
-
-    truth = dict(reported)
-    probe = {TopicPartition(tp[0], tp[1]): tp for tp, end in reported.items() if end}
-    if not probe:
-        return truth
-    consumer = KafkaConsumer(**cfg.client_options(), group_id=None, enable_auto_commit=False,
-                             max_partition_fetch_bytes=8 * 1024 * 1024)
-    try:
-        consumer.assign(list(probe))
-        for tp, key in probe.items():
-            consumer.seek(tp, max(reported[key] - 1, 0))
-        last_new = time.monotonic()
-        while (time.monotonic() - last_new) * 1000 < quiet_ms:
-            for tp, records in consumer.poll(timeout_ms=100).items():
-                if records:
-                    key = probe[tp]
-                    truth[key] = max(truth[key], records[-1].offset + 1)
-                    last_new = time.monotonic()
-        return truth
     finally:
         consumer.close()
 

@@ -20,7 +20,7 @@ class StreamConfig:
     # --- cluster
     bootstrap_servers: str = "127.0.0.1:29092"   # outside Ray's worker ports 10002-19999
     namespace: str = "onerec"                    # topic prefix: several deployments share a cluster
-    partitions: int = 2                          # every topic (co-partitioned, keyed by request_id)
+    partitions: int = 2                          # every topic (co-partitioned, keyed by user_id)
     replication_factor: int = 1                  # 1 for the embedded broker; 3 on a real cluster
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -35,7 +35,6 @@ class StreamConfig:
                                                  # idle stream; None = feedback_window_s
     duration_beta: float = 2.0                   # log base of duration buckets F(d) (section 3.1.1)
     history_len: int = 200                       # per-user (bucket, play time) history kept for q
-    dedupe_requests: int = 512                   # per-user request ids remembered to drop redeliveries
     closed_retention_s: float = 600.0            # event seconds a closed request id is remembered
     dead_letter_suffix: str = "dead-letters"
     # --- Faust
@@ -60,7 +59,7 @@ class StreamConfig:
             raise ValueError(f"stream.bootstrap_servers must be host:port[,host:port], got {self.bootstrap_servers!r}")
         if not self.namespace or any(c in self.namespace for c in " /\\:"):
             raise ValueError(f"stream.namespace must be a non-empty name without spaces, '/', ':', got {self.namespace!r}")
-        for name in ("partitions", "replication_factor", "history_len", "dedupe_requests", "batch_max",
+        for name in ("partitions", "replication_factor", "history_len", "batch_max",
                      "session_timeout_ms"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -2,7 +2,7 @@
 
 Invariant: pure functions; numpy arrays in give numpy arrays out, torch tensors in give torch tensors
 out (same device), and the two agree exactly. Nothing here reads state: the per-user history lives in
-the Faust join (streaming/app.py), which calls `engagement_score` on the user's own play times of the
+the join (streaming/history.py), which computes `engagement_score` on the user's own play times of the
 sample's duration bucket.
 
     F(d)  = floor(log_beta(d + eps))                                   (bucket, section 3.1.1)

@@ -1,9 +1,14 @@
 """The event schemas of docs/interfaces.md: impressions, feedback, samples, dead-letters.
 
 Invariant: every event that leaves `decode_*` is fully valid (types, ranges, required fields);
-anything else raises `SchemaError` whose `.reason` names the offending field, and which the Faust
-agents turn into a dead letter with the original bytes. Events are plain dicts (TypedDicts below),
+anything else raises `SchemaError` whose `.reason` names the offending field, and which the join
+turns into a dead letter with the original bytes. Events are plain dicts (TypedDicts below),
 encoded with orjson; `encode_*` validates too, so a producer cannot put a bad event on a topic.
+
+Two tiers, one rule: the `validate_*` functions here are the reference (field by field, the reason
+names the field); `streaming.fast_schemas` (msgspec, in C) is the one fast path, which accepts a
+subset of what they accept. `decode_*` / `encode_*` try the fast path and ask the reference only
+when it refuses (for the reason, or for an event with members of its own).
 
 One deliberate extension of interfaces.md: `semantic_id` of an impression item may be null for
 `source == "legacy"` traffic (replayed logs carry no tokenizer); the sample then has
@@ -13,18 +18,15 @@ from __future__ import annotations
 
 import base64
 import math
-import sys
-from array import array
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
+from learner.flags import ACTIONS as OPTIONAL_ACTIONS
+
 SOURCES = ("onerec", "legacy")
-from learner.flags import FLAG_BITS, action_flags  # noqa: E402,F401 - the one table (re-exported)
-OPTIONAL_ACTIONS = ("like", "follow", "comment", "forward", "collect")
 MAX_FLAGS = 127
 MAX_INT = 2**63 - 1   # every integer of an event is an int64 (Java's long; what Kafka's JVM clients and Parquet hold)
-_MAX_FLOAT = sys.float_info.max
 
 
 class SchemaError(ValueError):
@@ -63,6 +65,7 @@ class Impression(TypedDict):
     source: Literal["onerec", "legacy"]
     context: UserContext
     items: list[ShownItem]
+    arm: NotRequired[str | None]   # the A/B arm that served it; samples carry it (null when absent)
 
 
 class Feedback(TypedDict, total=False):
@@ -93,6 +96,7 @@ class Sample(TypedDict):
     feedback: Feedback | None
     q: float | None
     duration_bucket: int
+    arm: NotRequired[str | None]   # the impression's arm (null when it had none); plus any member of its own
 
 
 class DeadLetter(TypedDict):
@@ -137,13 +141,13 @@ def _str(value: Any, name: str) -> str:
     return value
 
 
-def _require(event: dict, name: str, where: str = "") -> Any:
+def require(event: dict, name: str, where: str = "") -> Any:
     if name not in event:
         raise SchemaError(f"{where}{name} is required")
     return event[name]
 
 
-def _object(raw: bytes | dict, kind: str) -> dict:
+def json_object(raw: bytes | dict, kind: str) -> dict:
     if isinstance(raw, dict):
         return raw
     try:
@@ -160,7 +164,7 @@ def _behaviour(value: Any, name: str) -> Behaviour:
         raise SchemaError(f"{name} must be an object with item_id, duration_s, play_time_s, flags")
     out = {}
     for key in ("item_id", "duration_s", "play_time_s", "flags"):
-        seq = _require(value, key, f"{name}.")
+        seq = require(value, key, f"{name}.")
         if not isinstance(seq, list):
             raise SchemaError(f"{name}.{key} must be a list")
         out[key] = seq
@@ -168,9 +172,7 @@ def _behaviour(value: Any, name: str) -> Behaviour:
     for key, seq in out.items():
         if len(seq) != n:
             raise SchemaError(f"{name}.{key} has length {len(seq)}, {name}.item_id has {n}")
-    if n and _behaviour_ok(out):
-        return out  # type: ignore[return-value]
-    for i in range(n):   # slow path: find and name the bad element
+    for i in range(n):
         _int(out["item_id"][i], f"{name}.item_id[{i}]", minimum=0)
         _float(out["duration_s"][i], f"{name}.duration_s[{i}]", minimum=0.0)
         _float(out["play_time_s"][i], f"{name}.play_time_s[{i}]", minimum=0.0)
@@ -180,115 +182,17 @@ def _behaviour(value: Any, name: str) -> Behaviour:
     return out  # type: ignore[return-value]
 
 
-_INT_ONLY = {int}
-_NUMBER_TYPES = {int, float}
-
-
-def _ints_ok(seq: list, maximum: int | None = None) -> bool:
-    """Non-empty `seq` holds only ints (not bools) in 0..maximum (MAX_INT): whole-list C-level checks."""
-    if set(map(type, seq)) != _INT_ONLY or min(seq) < 0:
-        return False
-    return max(seq) <= (MAX_INT if maximum is None else maximum)
-
-
-def _numbers_ok(seq: list) -> bool:
-    """Non-empty `seq` holds only finite ints/floats (not bools) >= 0. A sum that overflows to inf
-    only sends a valid list to the slow path; a nan or inf element always does."""
-    return set(map(type, seq)) <= _NUMBER_TYPES and min(seq) >= 0 and math.isfinite(sum(seq))
-
-
-def _behaviour_ok(b: dict) -> bool:
-    """Fast whole-list check (the hot path of the join); False sends the caller to the slow path."""
-    return (_ints_ok(b["item_id"]) and _ints_ok(b["flags"], MAX_FLAGS)
-            and _numbers_ok(b["duration_s"]) and _numbers_ok(b["play_time_s"]))
-
-
-# Lists of JSON values without bools: orjson decodes JSON to dict, list, str, int, float (always finite),
-# bool and None only, and decoded no bool from bytes without `true` / `false`. Among those types each
-# check below accepts exactly what the schema does, in one C-level pass (no per-element type()).
-
-def _json_has_no_bools(raw: bytes) -> bool:
-    """No `true`/`false` anywhere in these JSON bytes (inside strings counts too: then merely the slower checks)."""
-    return b"true" not in raw and b"false" not in raw
-
-
-def _json_ints_ok(seq: list) -> bool:
-    """Ints in 0..MAX_INT."""
-    try:
-        array("q", seq)   # TypeError for a float, str, list, dict, None; OverflowError outside int64
-    except (TypeError, OverflowError):
-        return False
-    return min(seq) >= 0
-
-
-def _json_flags_ok(seq: list) -> bool:
-    """Ints in 0..MAX_FLAGS = 127, the ASCII range."""
-    try:
-        return bytes(seq).isascii()   # TypeError for a non-int, ValueError outside 0..255
-    except (TypeError, ValueError):
-        return False
-
-
-def _json_numbers_ok(seq: list) -> bool:
-    """Non-empty: ints or floats >= 0, finite (min/sum raise TypeError on a str, list, dict or None)."""
-    try:
-        return min(seq) >= 0 and math.isfinite(sum(seq))
-    except (TypeError, OverflowError):
-        return False
-
-
-def _context_ok(context: Any, *, json_without_bools: bool) -> bool:
-    """Fast check of a whole context (the hot path); False sends the caller to the slow path, which names
-    the field. `json_without_bools`: the context was decoded by orjson from bytes without true/false."""
-    if type(context) is not dict:
-        return False
-    profile, short, long = context.get("profile"), context.get("short"), context.get("long")
-    if type(profile) is not list or type(short) is not dict or type(long) is not dict:
-        return False
-    ints_ok = _json_ints_ok if json_without_bools else _ints_ok
-    if profile and not ints_ok(profile):
-        return False
-    for part in (short, long):
-        ids, durations = part.get("item_id"), part.get("duration_s")
-        plays, flags = part.get("play_time_s"), part.get("flags")
-        if not (type(ids) is list and type(durations) is list and type(plays) is list and type(flags) is list):
-            return False
-        n = len(ids)
-        if len(durations) != n or len(plays) != n or len(flags) != n:
-            return False
-        if not n:
-            continue
-        if json_without_bools:
-            if not (_json_ints_ok(ids) and _json_flags_ok(flags) and _json_numbers_ok(durations)
-                    and _json_numbers_ok(plays)):
-                return False
-        elif not _behaviour_ok(part):
-            return False
-    return bool(profile or short["item_id"] or long["item_id"])
-
-
 def validate_context(context: Any, name: str = "context") -> UserContext:
     """The user context of interfaces.md; at least one token (the profile counts)."""
-    return _validate_context(context, name, json_without_bools=False)
-
-
-def decode_context(raw: bytes) -> UserContext:
-    """A user context from its JSON bytes, validated (the join's stage 2 reads contexts as bytes)."""
-    return _validate_context(_object(raw, "context"), "context", json_without_bools=_json_has_no_bools(raw))
-
-
-def _validate_context(context: Any, name: str, *, json_without_bools: bool) -> UserContext:
-    if _context_ok(context, json_without_bools=json_without_bools):
-        return context  # type: ignore[return-value]
     if not isinstance(context, dict):
         raise SchemaError(f"{name} must be an object with profile, short, long")
-    profile = _require(context, "profile", f"{name}.")
+    profile = require(context, "profile", f"{name}.")
     if not isinstance(profile, list):
         raise SchemaError(f"{name}.profile must be a list of integers")
     for i, v in enumerate(profile):
         _int(v, f"{name}.profile[{i}]", minimum=0)
-    short = _behaviour(_require(context, "short", f"{name}."), f"{name}.short")
-    long = _behaviour(_require(context, "long", f"{name}."), f"{name}.long")
+    short = _behaviour(require(context, "short", f"{name}."), f"{name}.short")
+    long = _behaviour(require(context, "long", f"{name}."), f"{name}.long")
     if not profile and not short["item_id"] and not long["item_id"]:
         raise SchemaError(f"{name} must have at least one token (profile, short or long)")
     return context  # type: ignore[return-value]
@@ -306,70 +210,25 @@ def _semantic_id(value: Any, name: str, *, nullable: bool) -> list[int] | None:
     return value
 
 
-def _count_ok(value: Any) -> bool:
-    """An int (not a bool) in 0..MAX_INT."""
-    return type(value) is int and 0 <= value <= MAX_INT
-
-
-def _time_ok(value: Any) -> bool:
-    """A finite int or float (not a bool) >= 0."""
-    return (type(value) is float and 0.0 <= value <= _MAX_FLOAT) or (type(value) is int and value >= 0)
-
-
-def _items_ok(items: Any, source: str) -> bool:
-    """Fast check of an impression's items (the hot path); False sends the caller to the slow path."""
-    if type(items) is not list or not items:
-        return False
-    onerec = source == "onerec"
-    seen = set()
-    for item in items:
-        if type(item) is not dict:
-            return False
-        item_id, sid, logprob = item.get("item_id"), item.get("semantic_id"), item.get("logprob")
-        if not _count_ok(item_id) or item_id in seen or not _time_ok(item.get("duration_s")):
-            return False
-        seen.add(item_id)
-        if sid is None:
-            if onerec:
-                return False
-        elif type(sid) is not list or len(sid) != 3 or not _ints_ok(sid):
-            return False
-        if onerec:
-            if type(logprob) is not float or not -_MAX_FLOAT <= logprob <= 0.0:
-                return False   # (an int logprob is valid: the slow path says so)
-        elif logprob is not None:
-            return False
-    return True
-
-
-def _impression_ok(event: dict) -> bool:
-    """Fast check of every field but the context; False sends the caller to the slow path."""
-    source = event.get("source")
-    rid = event.get("request_id")
-    return (type(rid) is str and rid != "" and _count_ok(event.get("user_id")) and _time_ok(event.get("ts"))
-            and _count_ok(event.get("model_version")) and source in SOURCES and _items_ok(event.get("items"), source))
+def _arm(event: dict) -> None:
+    arm = event.get("arm")
+    if arm is not None and not isinstance(arm, str):
+        raise SchemaError(f"arm must be a string or null, got {type(arm).__name__}")
 
 
 def validate_impression(event: dict, *, check_context: bool = True) -> Impression:
-    """`check_context=False`: every field but the context (the join's stage 2: stage 1 checked it)."""
-    return _validate_impression(event, check_context=check_context, json_without_bools=False)
-
-
-def _validate_impression(event: dict, *, check_context: bool, json_without_bools: bool) -> Impression:
-    if _impression_ok(event):   # the hot path; the checks below name the field when it fails
-        if check_context:
-            _validate_context(_require(event, "context"), "context", json_without_bools=json_without_bools)
-        return event  # type: ignore[return-value]
-    _str(_require(event, "request_id"), "request_id")
-    _int(_require(event, "user_id"), "user_id", minimum=0)
-    _float(_require(event, "ts"), "ts", minimum=0.0)
-    _int(_require(event, "model_version"), "model_version", minimum=0)
-    source = _require(event, "source")
+    """The reference check of an impression, field by field; `check_context=False`: all but the context."""
+    _str(require(event, "request_id"), "request_id")
+    _int(require(event, "user_id"), "user_id", minimum=0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
+    _int(require(event, "model_version"), "model_version", minimum=0)
+    source = require(event, "source")
     if source not in SOURCES:
         raise SchemaError(f"source must be one of {SOURCES}, got {source!r}")
+    _arm(event)
     if check_context:
-        validate_context(_require(event, "context"))
-    items = _require(event, "items")
+        validate_context(require(event, "context"))
+    items = require(event, "items")
     if not isinstance(items, list) or not items:
         raise SchemaError("items must be a non-empty list")
     seen: set[int] = set()
@@ -377,12 +236,12 @@ def _validate_impression(event: dict, *, check_context: bool, json_without_bools
         where = f"items[{i}]."
         if not isinstance(item, dict):
             raise SchemaError(f"items[{i}] must be an object")
-        item_id = _int(_require(item, "item_id", where), f"{where}item_id", minimum=0)
+        item_id = _int(require(item, "item_id", where), f"{where}item_id", minimum=0)
         if item_id in seen:
             raise SchemaError(f"{where}item_id {item_id} is shown twice in one request")
         seen.add(item_id)
         _semantic_id(item.get("semantic_id"), f"{where}semantic_id", nullable=source == "legacy")
-        _float(_require(item, "duration_s", where), f"{where}duration_s", minimum=0.0)
+        _float(require(item, "duration_s", where), f"{where}duration_s", minimum=0.0)
         logprob = item.get("logprob")
         if source == "onerec":
             if logprob is None:
@@ -394,29 +253,14 @@ def _validate_impression(event: dict, *, check_context: bool, json_without_bools
     return event  # type: ignore[return-value]
 
 
-def _feedback_ok(event: dict) -> bool:
-    """Fast check of a feedback event (the hot path); False sends the caller to the slow path."""
-    rid = event.get("request_id")
-    if not (type(rid) is str and rid != "" and _count_ok(event.get("user_id")) and _count_ok(event.get("item_id"))
-            and _time_ok(event.get("ts")) and _time_ok(event.get("play_time_s"))
-            and type(event.get("dislike")) is bool):
-        return False
-    for name in OPTIONAL_ACTIONS:
-        value = event.get(name, False)
-        if value is not True and value is not False:
-            return False
-    return True
-
-
 def validate_feedback(event: dict) -> Feedback:
-    if _feedback_ok(event):   # the hot path; the checks below name the field when it fails
-        return event  # type: ignore[return-value]
-    _str(_require(event, "request_id"), "request_id")
-    _int(_require(event, "user_id"), "user_id", minimum=0)
-    _int(_require(event, "item_id"), "item_id", minimum=0)
-    _float(_require(event, "ts"), "ts", minimum=0.0)
-    _float(_require(event, "play_time_s"), "play_time_s", minimum=0.0)
-    _bool(_require(event, "dislike"), "dislike")
+    """The reference check of a feedback event, field by field."""
+    _str(require(event, "request_id"), "request_id")
+    _int(require(event, "user_id"), "user_id", minimum=0)
+    _int(require(event, "item_id"), "item_id", minimum=0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
+    _float(require(event, "play_time_s"), "play_time_s", minimum=0.0)
+    _bool(require(event, "dislike"), "dislike")
     for name in OPTIONAL_ACTIONS:
         if name in event:
             _bool(event[name], name)
@@ -424,67 +268,93 @@ def validate_feedback(event: dict) -> Feedback:
 
 
 def validate_sample(event: dict) -> Sample:
+    """The reference check of a sample, field by field."""
     for name in ("request_id", "source"):
-        _str(_require(event, name), name)
-    _int(_require(event, "user_id"), "user_id", minimum=0)
-    _int(_require(event, "item_id"), "item_id", minimum=0)
-    _float(_require(event, "ts"), "ts", minimum=0.0)
-    _int(_require(event, "model_version"), "model_version", minimum=0)
-    validate_context(_require(event, "context"))
-    _semantic_id(_require(event, "semantic_id"), "semantic_id", nullable=event["source"] == "legacy")
-    _float(_require(event, "duration_s"), "duration_s", minimum=0.0)
-    if _require(event, "logprob") is not None:
+        _str(require(event, name), name)
+    _int(require(event, "user_id"), "user_id", minimum=0)
+    _int(require(event, "item_id"), "item_id", minimum=0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
+    _int(require(event, "model_version"), "model_version", minimum=0)
+    validate_context(require(event, "context"))
+    _semantic_id(require(event, "semantic_id"), "semantic_id", nullable=event["source"] == "legacy")
+    _float(require(event, "duration_s"), "duration_s", minimum=0.0)
+    if require(event, "logprob") is not None:
         _float(event["logprob"], "logprob")
-    feedback = _require(event, "feedback")
+    feedback = require(event, "feedback")
     if feedback is not None:
+        if not isinstance(feedback, dict):
+            raise SchemaError(f"feedback must be a feedback event (an object) or null, got {type(feedback).__name__}")
         validate_feedback(feedback)
-    q = _require(event, "q")
+    q = require(event, "q")
     if q is not None:
         q = _float(q, "q", minimum=0.0)
         if q > 1.0:
             raise SchemaError(f"q must be <= 1, got {q}")
     if (feedback is None) != (q is None):
         raise SchemaError("q must be set exactly when feedback is set")
-    _int(_require(event, "duration_bucket"), "duration_bucket")
+    _int(require(event, "duration_bucket"), "duration_bucket")
+    _arm(event)
     return event  # type: ignore[return-value]
 
 
 def decode_impression(raw: bytes | dict) -> Impression:
     if isinstance(raw, dict):
         return validate_impression(raw)
-    return _validate_impression(_object(raw, "impression"), check_context=True,
-                                json_without_bools=_json_has_no_bools(raw))
+    if _fast.check_impression(raw):
+        return orjson.loads(raw)
+    return validate_impression(json_object(raw, "impression"))
+
+
+def decode_context(raw: bytes) -> UserContext:
+    """A user context from its JSON bytes, validated."""
+    _fast.decode_context(raw)
+    return orjson.loads(raw)
 
 
 def decode_feedback(raw: bytes | dict) -> Feedback:
-    return validate_feedback(_object(raw, "feedback"))
+    if isinstance(raw, dict):
+        return validate_feedback(raw)
+    _fast.decode_feedback(raw)
+    return orjson.loads(raw)
 
 
 def decode_sample(raw: bytes | dict) -> Sample:
-    return validate_sample(_object(raw, "sample"))
+    if isinstance(raw, dict):
+        return validate_sample(raw)
+    if _fast.check_sample(raw):
+        return orjson.loads(raw)
+    return validate_sample(json_object(raw, "sample"))
 
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:
-    event = _object(raw, "dead letter")
-    _str(_require(event, "topic"), "topic")
-    _str(_require(event, "reason"), "reason")
-    original = _require(event, "original")
+    event = json_object(raw, "dead letter")
+    _str(require(event, "topic"), "topic")
+    _str(require(event, "reason"), "reason")
+    original = require(event, "original")
     if not isinstance(original, str):
         raise SchemaError("original must be a base64 string")
-    _float(_require(event, "ts"), "ts", minimum=0.0)
+    _float(require(event, "ts"), "ts", minimum=0.0)
     return event  # type: ignore[return-value]
 
 
 def encode_impression(event: Impression) -> bytes:
-    return orjson.dumps(validate_impression(event))
+    raw = orjson.dumps(event)
+    if not _fast.check_impression(raw):
+        validate_impression(event)
+    return raw
 
 
 def encode_feedback(event: Feedback) -> bytes:
-    return orjson.dumps(validate_feedback(event))
+    raw = orjson.dumps(event)
+    _fast.decode_feedback(raw)
+    return raw
 
 
 def encode_sample(event: Sample) -> bytes:
-    return orjson.dumps(validate_sample(event))
+    raw = orjson.dumps(event)
+    if not _fast.check_sample(raw):
+        validate_sample(event)
+    return raw
 
 
 def dead_letter(*, topic: str, reason: str, original: bytes, ts: float) -> DeadLetter:
@@ -504,6 +374,4 @@ def sample_id(sample: Sample) -> tuple[str, int]:
     return sample["request_id"], sample["item_id"]
 
 
-def feedback_flags(feedback: Feedback) -> int:
-    """Bitmask of interfaces.md (1 like ... 32 dislike) for a feedback event; 64 long view is not in it."""
-    return action_flags(feedback)
+from streaming import fast_schemas as _fast  # noqa: E402 - it builds on the names above (see its docstring)

@@ -1,4 +1,4 @@
-"""`onerec worker`: the join worker - impressions + feedback in, samples and dead letters out.
+"""`onerec worker`: the join worker - impressions + feedback (keyed by user id) in, samples and dead letters out.
 
 Two engines run the same state machines (streaming/join.py) on the same topics, consumer group and
 changelogs, so either can take over from the other:
@@ -22,18 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, cfg) -> int:
+    from streaming.topics import LayoutError
+
     create = not args.no_create_topics
-    if cfg.stream.engine == "faust":
-        from streaming.app import run_worker
+    try:
+        if cfg.stream.engine == "faust":
+            from streaming.app import run_worker
 
-        return run_worker(cfg.stream, loglevel=args.loglevel, create_topics=create)
-    from streaming.batch_worker import run_worker
+            return run_worker(cfg.stream, loglevel=args.loglevel, create_topics=create)
+        from streaming.batch_worker import run_worker
 
-    logging.basicConfig(level=args.loglevel.upper(), format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
-    return run_worker(cfg.stream, create_topics=create)
-
-
-if __name__ == "__main__":
-    from onerec.cli import main as cli_main
-
-    sys.exit(cli_main(["worker", *sys.argv[1:]]))
+        logging.basicConfig(level=args.loglevel.upper(), format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
+        return run_worker(cfg.stream, create_topics=create)
+    except LayoutError as exc:
+        print(f"onerec worker: refusing to join: {exc}", file=sys.stderr)
+        return 2

@@ -41,6 +41,7 @@ def impressions_by_id(stream_cfg, wanted: set[str], timeout_s: float = 20) -> di
         while wanted - set(found) and time.monotonic() < deadline:
             for record in consumer:
                 imp = schemas.decode_impression(record.value)
+                assert record.key == str(imp["user_id"]).encode(), "impressions are keyed by user id (layout 2)"
                 found[imp["request_id"]] = imp
     finally:
         consumer.close()
@@ -111,7 +112,7 @@ def test_recommend_logs_impressions_and_rejects_bad_requests(replicas, stream_co
             assert time.monotonic() < deadline, "the bridge never saw the feedback"
             producer.send(topic_name(stream_config, "feedback"), schemas.encode_feedback(
                 {"request_id": answers[0]["request_id"], "user_id": USER, "item_id": item, "ts": time.time(),
-                 "play_time_s": 12.0, "dislike": False, "like": True}), key=answers[0]["request_id"].encode())
+                 "play_time_s": 12.0, "dislike": False, "like": True}), key=str(USER).encode())
             producer.flush(timeout=10)
             await asyncio.sleep(0.5)
         producer.close()

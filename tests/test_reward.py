@@ -84,8 +84,8 @@ def test_advantages_rejects_bad_input():
 @given(st.lists(st.floats(0, 1e4) | st.integers(0, 10_000).map(float), max_size=40),
        st.floats(0, 1e4) | st.integers(0, 10_000))
 def test_the_joins_engagement_q_equals_the_reference(history, play):
-    """streaming/join.py scores one play time without a sort; it must give the reference's q bit for bit."""
-    from streaming.join import engagement_q
+    """The join (streaming/history.py) scores one play time without a sort; it must give the reference's q bit for bit."""
+    from streaming.history import engagement_q
 
     q = engagement_q(np.asarray(history, dtype=np.float64), play)
     assert type(q) is float and q == float(engagement_score(history, play))

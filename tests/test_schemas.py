@@ -125,7 +125,9 @@ def test_encode_refuses_bad_events():
 
 
 def test_feedback_flags():
-    assert schemas.feedback_flags(feedback(like=True, dislike=True, forward=True)) == 1 | 32 | 8
+    from learner.flags import action_flags   # the one table of flag bits
+
+    assert action_flags(feedback(like=True, dislike=True, forward=True)) == 1 | 32 | 8
 
 
 # --- the fast paths (whole-list checks) must accept and reject exactly what the field-by-field checks do
@@ -162,37 +164,50 @@ def _outcome(check, event):
     return "ok"
 
 
-def _slow_only(monkeypatch):
-    monkeypatch.setattr(schemas, "_impression_ok", lambda event: False)
-    monkeypatch.setattr(schemas, "_context_ok", lambda context, json_without_bools: False)
-    monkeypatch.setattr(schemas, "_feedback_ok", lambda event: False)
-    monkeypatch.setattr(schemas, "_behaviour_ok", lambda behaviour: False)
+def sample(**over):
+    event = {"request_id": "r1", "user_id": 7, "item_id": 5, "ts": 1700000000.5, "model_version": 4, "source": "onerec",
+             "context": impression()["context"], "semantic_id": [1, 2, 3], "duration_s": 12.0, "logprob": -1.5,
+             "feedback": feedback(), "q": 0.25, "duration_bucket": 3, "arm": "b"}
+    event.update(over)
+    return event
 
 
-def test_fast_checks_agree_with_the_field_by_field_checks(monkeypatch):
+def _reference(kind):
+    """The reference validator of `kind` over bytes (the field-by-field checks, nothing of msgspec)."""
+    check = {"impression": schemas.validate_impression, "context": schemas.validate_context,
+             "feedback": schemas.validate_feedback, "sample": schemas.validate_sample}[kind]
+    return lambda raw: check(schemas.json_object(raw, kind))
+
+
+def test_fast_checks_agree_with_the_field_by_field_checks():
+    """`decode_*` (msgspec first, the reference only when it refuses) against the reference alone."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     long_beh = {"item_id": [3, 0, 9], "duration_s": [1.0, 0, 7.5], "play_time_s": [0.0, 2, 1.25], "flags": [0, 64, 127]}
     events = [impression(), impression(source="legacy", items=[{"item_id": 5, "semantic_id": None, "duration_s": 3,
                                                                  "logprob": None}]),
-              _with(impression(), ("context", "long"), long_beh)]
-    cases = []   # (how, event or bytes)
+              _with(impression(), ("context", "long"), long_beh), impression(arm="a")]
+    cases = []   # (kind, bytes)
     for event in events:
         for mutated in _mutations(rng, event, 400):
-            cases.append(("impression", mutated))
-            cases.append(("impression bytes", orjson.dumps(mutated)))
-            cases.append(("context bytes", orjson.dumps(mutated["context"]) if isinstance(mutated.get("context"), dict)
+            cases.append(("impression", orjson.dumps(mutated)))
+            cases.append(("context", orjson.dumps(mutated["context"]) if isinstance(mutated.get("context"), dict)
                           else b"[]"))
     for mutated in _mutations(rng, feedback(), 200):
-        cases.append(("feedback", mutated))
-    checks = {"impression": schemas.validate_impression, "impression bytes": schemas.decode_impression,
-              "context bytes": schemas.decode_context, "feedback": schemas.validate_feedback}
-    fast = [_outcome(checks[how], case) for how, case in cases]
-    _slow_only(monkeypatch)
-    slow = [_outcome(checks[how], case) for how, case in cases]
+        cases.append(("feedback", orjson.dumps(mutated)))
+    for event in (sample(), sample(source="legacy", semantic_id=None, logprob=None, feedback=None, q=None)):
+        for mutated in _mutations(rng, event, 400):
+            cases.append(("sample", orjson.dumps(mutated)))
+    fast_decode = {"impression": schemas.decode_impression, "context": schemas.decode_context,
+                   "feedback": schemas.decode_feedback, "sample": schemas.decode_sample}
+    fast = [_outcome(fast_decode[kind], raw) for kind, raw in cases]
+    slow = [_outcome(_reference(kind), raw) for kind, raw in cases]
     assert fast == slow
     assert 0.2 < fast.count("ok") / len(fast) < 0.8     # both kinds of outcome were exercised
+    for kind in fast_decode:                           # and for every kind
+        outcomes = [f for (k, _), f in zip(cases, fast) if k == kind]
+        assert "ok" in outcomes and any(o != "ok" for o in outcomes), kind
 
 
 def test_bools_are_not_integers_on_the_fast_path():
@@ -206,15 +221,21 @@ def test_bools_are_not_integers_on_the_fast_path():
 
 # --- the join's msgspec decoders (streaming/fast_schemas.py) against the reference validators
 
-def _as_split(event: dict) -> tuple[dict, dict]:
-    """(head, context) of a valid impression, with the optional item members the fast path writes out
-    (null) filled in (the slow path, for the rare events the fast one leaves to it, writes them as given)."""
-    head = copy.deepcopy(event)
-    context = head.pop("context", None)
-    for item in head["items"]:
-        item.setdefault("semantic_id", None)
-        item.setdefault("logprob", None)
-    return head, context
+def _shared(event: dict) -> dict:
+    """The members every sample of a valid impression shares: all but its items and context, `arm` null
+    when it had none."""
+    members = {k: v for k, v in event.items() if k not in ("items", "context")}
+    members.setdefault("arm", None)
+    return members
+
+
+def _reference_but_context(raw: bytes) -> None:
+    """What the join's `split_impression` accepts: the reference check of all but the context, which must
+    be an object (the join reads it only for a new user: `context_plays` checks it then)."""
+    event = schemas.json_object(raw, "impression")
+    schemas.validate_impression(event, check_context=False)
+    if not isinstance(schemas.require(event, "context"), dict):
+        raise SchemaError("context must be an object with profile, short, long")
 
 
 def test_the_joins_fast_decoders_accept_and_reject_what_the_schemas_do():
@@ -224,31 +245,36 @@ def test_the_joins_fast_decoders_accept_and_reject_what_the_schemas_do():
 
     rng = np.random.default_rng(1)
     legacy = impression(source="legacy", items=[{"item_id": 5, "duration_s": 3}])
-    events = [impression(), legacy, impression(note="kept"), impression(ts=17), impression(user_id=2**64 - 1)]
+    events = [impression(), legacy, impression(note="kept"), impression(ts=17), impression(user_id=2**64 - 1),
+              impression(arm="control")]
     huge = orjson.dumps(impression()).replace(b'"user_id":7', b'"user_id":' + str(2**70).encode())
     cases = [orjson.dumps(e) for e in events] + [huge, b"{", b"[]", b'{"request_id": "r1"}']
     for event in events[:2]:
         cases += [orjson.dumps(mutated) for mutated in _mutations(rng, event, 500)]
     outcomes = []
     for raw in cases:
-        expected = _outcome(schemas.decode_impression, raw)
+        expected = _outcome(_reference_but_context, raw)
         assert _outcome(split_impression, raw) == expected, raw
         outcomes.append(expected)
         if expected == "ok":
             parts = split_impression(raw)
-            head, context = _as_split(schemas.decode_impression(raw))
-            assert b"\n" not in parts.head + parts.context
-            assert (_as_split(orjson.loads(parts.head))[0], orjson.loads(parts.context)) == (head, context)
-            assert (parts.request_id, parts.user_id, parts.ts) == (head["request_id"], head["user_id"], head["ts"])
-            assert parts.item_ids == tuple(item["item_id"] for item in head["items"])
-            assert _outcome(context_plays, parts.context) == "ok"
+            event = orjson.loads(raw)
+            assert b"\n" not in parts.shared + parts.context
+            assert orjson.loads(parts.shared) == _shared(event) and orjson.loads(parts.context) == event["context"]
+            assert (parts.request_id, parts.user_id, parts.ts) == (event["request_id"], event["user_id"], event["ts"])
+            assert [(i.item_id, i.duration_s, i.semantic_id, i.logprob) for i in parts.items] == [
+                (i["item_id"], i["duration_s"], i.get("semantic_id"), i.get("logprob")) for i in event["items"]]
+            context = event["context"]
+            assert _outcome(context_plays, parts.context) == _outcome(_reference("context"), parts.context)
+            if _outcome(context_plays, parts.context) != "ok":
+                continue
             durations, plays = context_plays(parts.context)
             assert durations == context["long"]["duration_s"] + context["short"]["duration_s"]
             assert plays == context["long"]["play_time_s"] + context["short"]["play_time_s"]
         event = orjson.loads(raw) if raw.startswith(b'{"') else None
         if event is not None and isinstance(event.get("context"), dict):
             context_raw = orjson.dumps(event["context"])
-            assert _outcome(context_plays, context_raw) == _outcome(schemas.decode_context, context_raw)
+            assert _outcome(context_plays, context_raw) == _outcome(_reference("context"), context_raw)
     assert 0.1 < outcomes.count("ok") / len(outcomes) < 0.9     # both kinds of outcome were exercised
 
 

@@ -1,8 +1,9 @@
 """Integration: the join worker (a real subprocess, both engines) against the real broker.
 
 Every impression yields exactly one sample per shown item, with the right q; feedback out of
-order, duplicated, late or never arriving; malformed bytes go to dead-letters with a reason while
-good events keep flowing; a SIGKILLed and restarted worker loses no sample.
+order, duplicated, late or never arriving; malformed bytes, events with a key that is not their
+user id or on another partition than their key's go to dead-letters with a reason while good events
+keep flowing; a SIGKILLed and restarted worker loses no sample; topics of the old layout are refused.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import orjson
 import pytest
 
 from streaming import schemas
-from streaming.client import EventPublisher, SampleDeduplicator, WorkerProcess, read_events
+from streaming.client import EventPublisher, WorkerProcess, read_events
 from streaming.reward import EMPTY_HISTORY_SCORE, duration_bucket, engagement_score
-from streaming.topics import ensure_topics
+from streaming.partitioner import default_partition
+from streaming.topics import LayoutError, ensure_topics, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -60,12 +62,17 @@ def expected_q(impressions: list[dict], joined_feedback: dict[tuple[str, int], d
 
 def wait_for_samples(cfg, expected_ids: set, worker: WorkerProcess, timeout_s: float = 60.0) -> list[dict]:
     def done(records):
-        return expected_ids <= {(r.key.decode(), orjson.loads(r.value)["item_id"]) for r in records} or not worker.alive()
+        seen = set()
+        for r in records:
+            event = orjson.loads(r.value)
+            seen.add((event["request_id"], event["item_id"]))
+        return expected_ids <= seen or not worker.alive()
 
     records = read_events(cfg, "samples", until=done, timeout_s=timeout_s)
     samples = [schemas.decode_sample(r.value) for r in records]
     for r, s in zip(records, samples):
-        assert r.key.decode() == s["request_id"], "samples are keyed by request_id"
+        assert r.key == str(s["user_id"]).encode(), "samples are keyed by user_id"
+        assert r.partition == default_partition(r.key, cfg.partitions), "on their key's partition"
     missing = expected_ids - {schemas.sample_id(s) for s in samples}
     if missing:
         letters = [schemas.decode_dead_letter(r.value)["reason"]
@@ -85,8 +92,10 @@ def assert_each_sample_once_and_right(cfg, samples: list[dict], expected_ids: se
                                       joined: dict) -> None:
     """At-least-once done right: after the consumer-side dedupe every shown item has exactly one
     sample, repeats are identical copies, and feedback and q are what the reference computes."""
-    dedupe = SampleDeduplicator()
-    unique = [s for s in samples if dedupe.first_time(s)]
+    first = {}                                   # the consumer-side dedupe, by sample id
+    for s in samples:
+        first.setdefault(schemas.sample_id(s), s)
+    unique = list(first.values())
     assert {schemas.sample_id(s) for s in unique} == expected_ids, "no sample lost"
     assert len(unique) == len(expected_ids), "no duplicate after the consumer-side dedupe"
     copies = defaultdict(set)
@@ -99,7 +108,7 @@ def assert_each_sample_once_and_right(cfg, samples: list[dict], expected_ids: se
     wrong = [(schemas.sample_id(s), s["q"], q_ref[schemas.sample_id(s)]) for s in unique
              if s["q"] != pytest.approx(q_ref[schemas.sample_id(s)])]
     assert not wrong, f"{len(wrong)} samples with a wrong q (id, got, expected): {wrong[:10]}"
-    print(f"raw samples {len(samples)}, unique {len(unique)}, repeats {dedupe.repeats}")
+    print(f"raw samples {len(samples)}, unique {len(unique)}, repeats {len(samples) - len(unique)}")
 
 
 @pytest.mark.parametrize("engine", ["batched", "faust"])
@@ -147,7 +156,13 @@ def test_join_cases_and_dead_letters(stream_config, tmp_path, engine):
             pub.feedback(fb)
         pub.feedback(feedback("orphan", 5, 1, 1225.0, 2.0))                # never gets an impression
         pub.feedback(feedback("dup", 0, 99, 1222.0, 2.0))                  # item not shown
-        pub.feedback(feedback("dup", 4, 11, 1222.0, 2.0))                  # another user's request id
+        pub.feedback(feedback("dup", 6, 11, 1222.0, 2.0))                  # another user's request id (same partition)
+        pub.feedback(feedback("dup", 4, 11, 1222.0, 2.0))                  # ... (another partition: an orphan there)
+        wrong_key = schemas.encode_feedback(feedback("ok9", 0, 109, 1093.0, 1.0))
+        pub.send_raw("feedback", b"ok9", wrong_key)                         # keyed by request id, not user id
+        elsewhere = schemas.encode_feedback(feedback("ok9", 0, 109, 1093.5, 1.0))
+        pub.producer.send(topic_name(cfg, "feedback"), key=b"0", value=elsewhere,
+                          partition=1 - default_partition(b"0", cfg.partitions))   # not its key's partition
         pub.flush()
 
         all_imps = imps + [late_imp, ooo_imp, dup_imp]
@@ -172,9 +187,9 @@ def test_join_cases_and_dead_letters(stream_config, tmp_path, engine):
         pub.feedback(fbs[0])
         pub.feedback(feedback("ok1", 1, 201, 1013.0, 2.0))
         pub.flush()
-        letters = read_events(cfg, "dead-letters", until=lambda rs: len(rs) >= 8, timeout_s=30)
+        letters = read_events(cfg, "dead-letters", until=lambda rs: len(rs) >= 11, timeout_s=30)
         time.sleep(1.0)   # nothing more may come: the repeat of joined feedback is no dead letter
-        letters = read_events(cfg, "dead-letters", until=lambda rs: len(rs) >= 9, timeout_s=3)
+        letters = read_events(cfg, "dead-letters", until=lambda rs: len(rs) >= 12, timeout_s=3)
         assert worker.alive(), worker.log_text()
 
     reasons = [schemas.decode_dead_letter(r.value) for r in letters]
@@ -188,9 +203,13 @@ def test_join_cases_and_dead_letters(stream_config, tmp_path, engine):
     assert any("late feedback: ts" in t and "'late'" in t for t in text), text
     assert any("no impression for request_id 'orphan'" in t for t in text), text
     assert any("item_id 99 was not shown" in t for t in text), text
-    assert any("user_id 4 does not match" in t for t in text), text
+    assert any("user_id 6 does not match the impression's user_id 0" in t for t in text), text
+    assert any("no impression for request_id 'dup' of user_id 4" in t for t in text), "\n".join(text)
     assert any("window of request 'ok1' closed before it arrived" in t for t in text), text
-    assert len(reasons) == 8, text
+    assert any("key b'ok9' does not match user_id 0" in t for t in text), text
+    assert any("arrived on partition" in t and "key b'0' belongs to partition" in t for t in text), text
+    assert wrong_key in originals and elsewhere in originals
+    assert len(reasons) == 11, text
 
 
 @pytest.mark.parametrize("engine", ["batched"])
@@ -284,3 +303,35 @@ def test_two_batched_workers_split_the_partitions_and_take_over(stream_config, t
     assert assignments[-1][0] == "0, 1" and int(assignments[-1][1]) > 0, \
         f"the survivor did not take over with restored state: {assignments}"
     assert_each_sample_once_and_right(cfg, samples, expected_ids, imps, joined)
+
+
+def test_a_worker_refuses_topics_of_the_old_keying(stream_config, tmp_path):
+    """Layout 1 (keyed by request_id, a `joined` topic, no layout record): `onerec topics` and the worker
+    both refuse it with the way out; a fresh namespace gets layout 2 and the worker starts."""
+    from kafka.admin import NewTopic
+
+    from streaming.topics import admin_client
+
+    cfg = stream_config
+    admin = admin_client(cfg)
+    try:
+        admin.create_topics([NewTopic(f"{cfg.namespace}.{kind}", cfg.partitions, 1)
+                             for kind in ("impressions", "feedback", "samples", "joined")])
+    finally:
+        admin.close()
+    with pytest.raises(LayoutError, match="layout 1: keyed by request_id"):
+        ensure_topics(cfg)
+    worker = WorkerProcess(cfg, log_path=tmp_path / "worker.log").start()
+    try:
+        worker.process.wait(timeout=60)
+    finally:
+        worker.stop()
+    assert worker.process.returncode != 0
+    assert "onerec topics --delete" in worker.log_text() and "keyed by the decimal user id" in worker.log_text()
+    fresh = dataclasses.replace(cfg, namespace=cfg.namespace + "-v2")
+    ensure_topics(fresh)
+    ensure_topics(fresh)   # idempotent on its own layout
+    from streaming.topics import LAYOUT, check_layout, read_layout
+
+    assert read_layout(fresh) == LAYOUT
+    check_layout(fresh)
