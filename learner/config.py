@@ -236,8 +236,9 @@ class TrainConfig:
     - `tau_window`: tau_B (sec. 3.1.1) is the top-quartile threshold of the last `tau_window` q
       values this learner saw (the current micro-batch included), not of one micro-batch.
     - `gen_on_dislikes`: false (default) leaves disliked exposures out of L_Gen, which would
-      otherwise push up the tokens of an item the RL term pushes down (L_Gen's per-token gradient
-      1 - p beats GBPO's BCE-bounded p / (1 - p) for every p < 0.5).
+      otherwise push up the tokens of an item the RL term pushes down: on a target token's logit
+      L_Gen pushes up by (1 - p) and token-level GBPO down by p (p / (1 - p) on log p, eq. 12's
+      BCE bound), both / 3G, so at equal weights a dislike with p < 0.5 would be learned *up*.
     - `lr`: None = the preset's Table 5 rate (`PRESET_LR`), reached by a linear warm-up over
       `warmup_steps` optimizer steps (`lr_at`).
     """
