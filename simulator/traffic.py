@@ -63,7 +63,8 @@ class WorldTraffic:
         self.plays = Counter()                                    # `popular`: most played so far in the run
         self.impressions_topic = topic_name(cfg.stream, "impressions")
         self.feedback_topic = topic_name(cfg.stream, "feedback")
-        self.stats = Counter()                                    # requests, pages, failures by kind
+        self.stats = Counter()                                    # requests, pages, pages per pipeline
+        self.failures = Counter()                                 # failed pages by kind (http_503, ...)
         self.legacy_requests = 0
         self.by_version: dict[int, Counter] = {}
         self.last_feedback_at: dict[str, float] = {}              # request_id -> when its feedback was sent
@@ -102,7 +103,7 @@ class WorldTraffic:
             try:
                 await self.page(session, user, t, new_session=new_session)
             except Exception:  # noqa: BLE001 - one failed page never stops the traffic; counted and logged
-                self.stats["page_errors"] += 1
+                self.failures["page_errors"] += 1
                 log.exception("page for user %d failed", user)
                 self.population.after_page(user, [], t + 1.0)
 
@@ -138,11 +139,11 @@ class WorldTraffic:
                                     timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    self.stats[f"http_{resp.status}"] += 1
+                    self.failures[f"http_{resp.status}"] += 1
                     log.warning("bridge answered %d: %s", resp.status, body[:200])
                     return None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.stats["http_errors"] += 1
+            self.failures["http_errors"] += 1
             log.warning("bridge request failed: %r", exc)
             return None
         answer = orjson.loads(body)
@@ -244,11 +245,12 @@ class WorldTraffic:
                                       "oracle_expected_play_per_video_s": d["oracle_expected_play_s"] / d["videos"],
                                       "repeat_share": d["repeats"] / d["videos"]}
         everything["pages"] = dict(self.stats)
+        everything["failed_pages"] = dict(self.failures)
         everything["simulated_days"] = self.days()
         return everything
 
     def summary(self) -> str:
         stay = {arm: self.stay_time_so_far(arm) for arm in self.arms}
         shown = ", ".join(f"{a} {v:.0f}s" for a, v in stay.items() if v is not None)
-        return (f"simulator: {dict(self.stats)}; {self.days():.2f} simulated days; stay time per user-day: "
+        return (f"simulator: {dict(self.stats)}, failed {dict(self.failures)}; {self.days():.2f} simulated days; stay time per user-day: "
                 f"{shown or '-'}; pages served by the legacy pipeline: {self.legacy_requests}")
