@@ -171,17 +171,19 @@ class DriftMonitor:
 
     def _served_kl(self, version: int) -> dict:
         """k1 / k3 estimates of KL(pi_old || pi_new) against the previous and the reference version."""
-        out = {}
+        out, estimates = {}, {}
         usable = [v for v in self.accepted_versions
                   if v < version and self.served_buffer.count(v) >= self.cfg.kl_min_samples]
         for name, old in (("prev", usable[-1] if usable else None), ("ref", usable[0] if usable else None)):
             out.update({f"kl_k1_{name}": None, f"kl_k3_{name}": None, f"kl_{name}_version": old, f"kl_{name}_n": 0})
             if old is None:
                 continue
-            samples = self.served_buffer.samples(old)
-            logp_new = score_logprobs(self.model, samples, self.tokenizer, self.model_cfg,
-                                      batch=self.cfg.kl_batch, device=self.device)
-            est = kl_estimators([s["logprob"] for s in samples], logp_new)
+            if old not in estimates:          # one version both previous and reference: scored once
+                samples = self.served_buffer.samples(old)
+                logp_new = score_logprobs(self.model, samples, self.tokenizer, self.model_cfg,
+                                          batch=self.cfg.kl_batch, device=self.device)
+                estimates[old] = kl_estimators([s["logprob"] for s in samples], logp_new)
+            est = estimates[old]
             out.update({f"kl_k1_{name}": est["k1"], f"kl_k3_{name}": est["k3"], f"kl_{name}_n": est["n"]})
         return out
 

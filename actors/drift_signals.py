@@ -99,9 +99,6 @@ class ServedSampleBuffer:
     def versions(self) -> list[int]:
         return sorted(self._by_version)
 
-    def drop(self, version: int) -> None:
-        self._by_version.pop(int(version), None)
-
 
 @torch.no_grad()
 def score_logprobs(model, samples: list[dict], tokenizer, model_cfg, *, batch: int, device) -> np.ndarray:
