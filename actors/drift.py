@@ -24,20 +24,23 @@ Two kinds of records (one JSON object per line, `kind` says which):
                 unconstrained greedy decode (H1 is the full s1 distribution);
   `invalid_share` share of probe users whose unconstrained greedy code names no item;
   `probe_coverage`, `probe_gini` of the beam's top-k over the probe set;
-- "served", per model_version, every `served_window` samples (and on `flush()`): `n`,
+- "served", per model_version, every `served_window` samples of source "onerec" (and on `flush()`): `n`,
   `positive_share` (q > `positive_q` and no dislike: the report's top-quartile positives),
   `dislike_share`, `mean_play_time_s`, `coverage` and `gini` of the exposed items over the
   catalogue, `cold_start_share` (exposed items that no earlier sample contained: not yet trained on),
   `distinct_share` (distinct exposed items per exposure: 1 = every exposure a different item),
   `top_share` (share of requests whose top item is one of the window's `top_n` most served items).
 Alerts (thresholds in `[drift]`, actors/config.py; the kind is the alert's `kind`):
-  probe:  `kl` > kl_threshold, `kl_level1` > kl_level1_threshold, `k3_prev` > kl_k3_prev_threshold,
-          `k3_ref` > kl_k3_ref_threshold, `entropy` (any level's mean) < entropy_min;
+  probe:  `kl` > kl_threshold, `kl_level1` > kl_level1_threshold, `k1_prev` / `k1_ref` (and, where
+          their thresholds are set, `k3_prev` / `k3_ref`) above theirs, `entropy` (any level) < entropy_min;
   served (windows of >= `min_served` samples): `dislike` > dislike_threshold; `cold_start` >
           cold_start_max once `cold_start_after` samples were seen; and for `collapse_versions`
           windows in a row: `collapse` (distinct_share < collapse_distinct_share or gini > collapse_gini),
           `coverage` < coverage_min, `top_share` > top_share_max.
-k1 and k3 estimate the same KL; k3 (never negative, lower variance) is the one that alerts.
+k1 and k3 estimate the same KL when x ~ pi_old; the served items are drawn from the beam (q = pi_old
+renormalised over the beam), where E_q[k1] = KL(q || pi_new) - KL(q || pi_old) still holds exactly (the
+beam's mass cancels) but E_q[r] != 1 biases k3 upwards without bound: k1 alerts, k3 (off by default)
+only where its threshold is set (actors/config.py says what a healthy loop measured).
 An alert is a WARNING log line, the `onerec_drift_alerts` counter, `alerts` in the record, and, when
 `rollback` is on, `on_rollback(to_version)`.
 
@@ -190,6 +193,8 @@ class DriftMonitor:
     def _check_probe(self, record: dict) -> None:
         cfg, alerts = self.cfg, record["alerts"]
         for kind, key, threshold in (("kl", "kl", cfg.kl_threshold), ("kl_level1", "kl_level1", cfg.kl_level1_threshold),
+                                     ("k1_prev", "kl_k1_prev", cfg.kl_k1_prev_threshold),
+                                     ("k1_ref", "kl_k1_ref", cfg.kl_k1_ref_threshold),
                                      ("k3_prev", "kl_k3_prev", cfg.kl_k3_prev_threshold),
                                      ("k3_ref", "kl_k3_ref", cfg.kl_k3_ref_threshold)):
             if record.get(key) is not None and record[key] > threshold:
@@ -223,9 +228,13 @@ class DriftMonitor:
 
     # ---- what was served -------------------------------------------------------------------------
     def observe_samples(self, samples: list[dict]) -> list[dict]:
-        """Take joined samples (the `samples` topic's dicts); emit a served record per full window."""
+        """Take joined samples (the `samples` topic's dicts); emit a served record per full window.
+        Samples of other pipelines (source "legacy": the popularity baseline) say nothing about the
+        policy and are left out."""
         records = []
         for s in samples:
+            if s.get("source", "onerec") != "onerec":
+                continue
             version = int(s["model_version"])
             self._served[version].append(s)
             self.served_buffer.add(s)

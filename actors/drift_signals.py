@@ -13,8 +13,10 @@ log r = log pi_new(x) - log pi_old(x). Then
     k3 = (r - 1) - log r        E_{x~pi_old}[r - 1] = 0, so also unbiased, and every term is >= 0
                                 (x - 1 >= log x), with a lower variance than k1 when pi_new ~ pi_old.
 What the replicas serve are top-k draws without replacement from pi restricted to the beam
-(learner/beam.py `sample_from_beam`), not i.i.d. draws from pi_old: the estimates are those of the
-beam-truncated policy, which is where the traffic lives. With quantized serving (serve.dtype) the
+(learner/beam.py `sample_from_beam`): x ~ q = pi_old / Z on the beam, not i.i.d. x ~ pi_old. Then
+E_q[k1] = KL(q || pi_new) - KL(q || pi_old) exactly (log Z cancels): how much less likely the new policy
+makes what the old one served; but E_q[r] = (pi_new's beam mass) / Z != 1, so k3 loses its zero-mean
+term and grows with the new policy's mass on the served items (a policy trained on them raises it). With quantized serving (serve.dtype) the
 logged log pi_old is the quantized model's; the monitor scores in fp32, so a version compared with
 itself reads the quantization error (small: see tests/test_replica.py agreement).
 """

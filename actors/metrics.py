@@ -7,7 +7,9 @@ the progress line shows the same values.
 Ray's endpoint (`ray.nodes()[i]["MetricsExportPort"]`, or the port given to
 `ray start --metrics-export-port`) serves every metric with the prefix `ray_`: `onerec_learner_version`
 is scraped as `ray_onerec_learner_version`, with Ray's own labels (SessionName, NodeAddress, ...) on top
-of ours. infra/prometheus/prometheus.yml scrapes it; infra/grafana/onerec.json charts it.
+of ours, and a counter whose name does not end in `_total` gets the suffix (`onerec_drift_alerts` is
+scraped as `ray_onerec_drift_alerts_total`). infra/prometheus/prometheus.yml scrapes it;
+infra/grafana/onerec.json charts it.
 `exported_metric_names()` lists every name this module and the drift monitor export (the dashboard's
 test checks its queries against it).
 """

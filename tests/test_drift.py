@@ -219,6 +219,17 @@ def test_k1_and_k3_equal_the_kl_in_expectation_and_k3_is_never_negative():
     assert min(s["k1"] for s in singles) < 0 and all(s["k3"] >= 0 for s in singles)
     same = kl_estimators(np.log(p_old[x]), np.log(p_old[x]))
     assert same["k1"] == 0.0 and same["k3"] == 0.0
+    # served items come from the beam: x ~ q = p_old renormalised over a subset. k1 then estimates
+    # KL(q || p_new) - KL(q || p_old) exactly (the subset's mass cancels); k3 is biased by E_q[r] != 1
+    beam = np.array([0, 1, 2])
+    q = p_old[beam] / p_old[beam].sum()
+    kl_q = lambda p: float(np.sum(q * np.log(q / p[beam])))                 # noqa: E731
+    weights = np.round(q * 90).astype(int)                                   # q = (5, 3, 1) / 9 exactly
+    xb = np.repeat(beam, weights)
+    est_b = kl_estimators(np.log(p_old[xb]), np.log(p_new[xb]))
+    assert est_b["k1"] == pytest.approx(kl_q(p_new) - kl_q(p_old), rel=1e-9)
+    mean_r = float(np.sum(q * p_new[beam] / p_old[beam]))
+    assert est_b["k3"] == pytest.approx(mean_r - 1 + est_b["k1"], rel=1e-9) and mean_r != pytest.approx(1.0)
     with pytest.raises(ValueError, match="same length"):
         kl_estimators([-1.0, -2.0], [-1.0])
     with pytest.raises(ValueError, match="finite"):
@@ -310,11 +321,14 @@ def test_scrambled_head_trips_the_served_kl_and_a_sharpened_head_the_entropy(wor
     assert abs(same["kl_k1_prev"]) < 1e-4 and same["kl_k3_prev"] < 1e-4 and same["alerts"] == []
     bad = monitor.on_weights(3, drifted(base))
     kinds = {a["kind"] for a in bad["alerts"]}
-    assert bad["kl_k3_prev"] > monitor.cfg.kl_k3_prev_threshold and {"k3_prev", "k3_ref"} <= kinds
+    assert bad["kl_k1_prev"] > monitor.cfg.kl_k1_prev_threshold and {"k1_prev", "k1_ref"} <= kinds
+    assert "k3_prev" not in kinds and bad["kl_k3_prev"] >= 0      # recorded; alerts only with a threshold
     assert bad["kl_prev_version"] == 1 and bad["rolled_back_to"] == 2 and calls == [2]
     sharp = {k: v * 1000.0 if k.startswith("heads.") else v for k, v in base.items()}   # all mass on one code
     rec = monitor.on_weights(4, sharp)
     assert "entropy" in {a["kind"] for a in rec["alerts"]} and min(rec["entropy"]) < monitor.cfg.entropy_min
+    monitor.cfg.kl_k3_prev_threshold = 2.0
+    assert "k3_prev" in {a["kind"] for a in monitor.on_weights(5, drifted(base))["alerts"]}
 
 
 def test_collapsed_serving_trips_coverage_top_share_and_cold_start(world, tmp_path):
@@ -337,3 +351,13 @@ def test_collapsed_serving_trips_coverage_top_share_and_cold_start(world, tmp_pa
     cold = [dict(sample(4, item_ids[150 + i], dislike=False, q=0.5), request_id=f"c{i}") for i in range(100)]
     (rec,) = monitor.observe_samples(cold)
     assert "cold_start" in {a["kind"] for a in rec["alerts"]} and rec["cold_start_share"] == 1.0
+
+
+def test_legacy_samples_are_not_the_policys_exposures(world, tmp_path):
+    cfg, item_ids, tokenizer, probe, base = world
+    monitor = DriftMonitor(cfg, tokenizer, probe, DriftConfig(log_path=str(tmp_path / "l.jsonl"), served_window=10))
+    legacy = [dict(sample(0, item_ids[0], dislike=False, q=0.5), source="legacy") for _ in range(20)]
+    assert monitor.observe_samples(legacy) == [] and monitor.flush() == []
+    ours = [dict(sample(1, item_ids[i], dislike=False, q=0.5), source="onerec") for i in range(10)]
+    (rec,) = monitor.observe_samples(legacy + ours)
+    assert rec["version"] == 1 and rec["n"] == 10

@@ -25,7 +25,7 @@ SCRAPE_CONFIG = ROOT / "infra" / "prometheus" / "prometheus.yml"
 RAY_PREFIX = "ray_"                     # Ray's endpoint prefixes every application metric
 SERIES = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+SUFFIXES = ("_bucket", "_sum", "_count", "_total")   # histogram series; a counter not named *_total gets one
 
 
 def metric_family(name: str) -> str:
@@ -33,7 +33,7 @@ def metric_family(name: str) -> str:
     name = name.removeprefix(RAY_PREFIX)
     if name in exported_metric_names():
         return name
-    for suffix in HISTOGRAM_SUFFIXES:
+    for suffix in SUFFIXES:
         if name.endswith(suffix) and name[: -len(suffix)] in exported_metric_names():
             return name[: -len(suffix)]
     return name
@@ -116,8 +116,9 @@ def test_loop_gauges_are_scraped_from_rays_prometheus_endpoint(tmp_path, ray_ses
     ray = ray_session
     port = int(ray.nodes()[0]["MetricsExportPort"])
     cfg = loop_config(tmp_path, micro_batch=16, publish_every_steps=2, publish_every_s=1.0, checkpoint_every_steps=50,
-                      sim_users_per_s=12.0, sim_users=50, sim_concurrency=3, progress_every_s=1.0,
-                      serve={"bridge_port": 0, "request_timeout_s": 10.0})
+                      progress_every_s=1.0, serve={"bridge_port": 0, "request_timeout_s": 10.0})
+    cfg.simulator.users = 50
+    cfg.simulator.concurrency = 3
     cfg.drift = DriftConfig(log_path=str(tmp_path / "drift.jsonl"), served_window=24, min_served=8, kl_min_samples=8)
     cfg.stream = stream_config
     cfg.stream.idle_close_s = 1.0
