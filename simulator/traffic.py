@@ -69,6 +69,7 @@ class WorldTraffic:
         self.by_version: dict[int, Counter] = {}
         self.last_feedback_at: dict[str, float] = {}              # request_id -> when its feedback was sent
         self.diagnostics: dict[str, Counter] = {}                 # arm -> the oracle's view of its own pages
+        self.daily: Counter = Counter()                           # (arm, simulated day) -> play seconds
         self.started = time.monotonic()
         self.producer = None
 
@@ -125,6 +126,7 @@ class WorldTraffic:
         responses = self.world.respond(user, items, t)
         await self._feedback(user, answer, responses)
         self.ledger.record(arm, user, t, responses, items, new_session=new_session)
+        self.daily[(arm, int(t // DAY_S))] += sum(float(r["play_time_s"]) for r in responses)
         if answer["pipeline"] != "legacy":
             self.served.record(arm, user, t, responses, items)
         self.plays.update(v for v, r in zip(items, responses) if r["play_time_s"] > 0)
@@ -249,8 +251,32 @@ class WorldTraffic:
         everything["simulated_days"] = self.days()
         return everything
 
+    def stay_time_by_day(self) -> dict[str, list[float]]:
+        """Per arm, App Stay Time of each simulated day so far (play seconds per enrolled user)."""
+        users = Counter(self.arm_users.values())
+        last = int(self.ledger.max_t // DAY_S)
+        return {arm: [self.daily[(arm, d)] / max(users[arm], 1) for d in range(last + 1)] for arm in self.arms}
+
+    def plot_stay_time(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, days in self.stay_time_by_day().items():
+            ax.plot(range(len(days)), days, marker="o", label=arm)
+        ax.set_xlabel("simulated day (the last one is partial)")
+        ax.set_ylabel("App Stay Time per user (s)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
     def summary(self) -> str:
         stay = {arm: self.stay_time_so_far(arm) for arm in self.arms}
         shown = ", ".join(f"{a} {v:.0f}s" for a, v in stay.items() if v is not None)
-        return (f"simulator: {dict(self.stats)}, failed {dict(self.failures)}; {self.days():.2f} simulated days; stay time per user-day: "
-                f"{shown or '-'}; pages served by the legacy pipeline: {self.legacy_requests}")
+        by_day = "; ".join(f"{arm}: " + " ".join(f"{v:.0f}" for v in days) for arm, days in self.stay_time_by_day().items())
+        return (f"simulator: {dict(self.stats)}, failed {dict(self.failures)}; {self.days():.2f} simulated days; "
+                f"stay time per user-day: {shown or '-'}; per simulated day (s): {by_day}; "
+                f"pages served by the legacy pipeline: {self.legacy_requests}")
