@@ -73,7 +73,7 @@ class LearnedArm:
         replica = ReplicaActor.options(num_cpus=loop.actor_num_cpus, num_gpus=loop.replica_num_gpus,
                                        name=self._actor_name("replica", self.replica_serial)).remote(
             self.cfg.model, self.tokenizer_bytes, version, ref, checksum,
-            device="cuda" if loop.replica_num_gpus > 0 else "cpu")
+            device="cuda" if loop.replica_num_gpus > 0 else "cpu", dtype=self.cfg.serve.dtype)
         await replica.version.remote()      # ready (model built, weights applied)
         return replica
 

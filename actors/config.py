@@ -83,15 +83,47 @@ class DriftConfig:
     collapse_distinct_share: float = 0.2
     collapse_gini: float = 0.995
     collapse_versions: int = 3
+    # PROVISIONAL thresholds (issue 15 item 1), set by reasoning, not by measurement: bench/drift.py
+    # (issue 15 item 2) measures each signal's separation on forced faults and sets them.
+    kl_level1_threshold: float = 2.0   # nats, exact KL of the s1 distribution (ceiling ln(codebook))
+    kl_k1_prev_threshold: float = 2.0  # nats, k1 estimate of KL(pi_old || pi_new) vs the previous version
+    kl_k1_ref_threshold: float = 4.0   # nats, the same vs the oldest kept accepted version
+    # k3 assumes x ~ pi_old exactly (E[r] = 1); served items are drawn from the beam, so E[r] is the new
+    # policy's beam mass over the old one's: a healthy 1-minute `onerec run`-like loop (tests/test_prometheus.py)
+    # read k3 = 13 -> 211 while k1 stayed in [-1.2, -0.6]. So k3 is recorded and exported, and alerts
+    # only where a threshold is set.
+    kl_k3_prev_threshold: float = float("inf")
+    kl_k3_ref_threshold: float = float("inf")
+    kl_samples: int = 256              # served samples kept per version for the k1 / k3 estimates
+    kl_min_samples: int = 32           # a version with fewer buffered samples is not compared with
+    kl_batch: int = 64                 # contexts per forward when scoring them
+    entropy_min: float = 0.05          # nats: any level's mean probe entropy below this alerts
+    coverage_min: float = 0.002        # served coverage of the catalogue, collapse_versions windows in a row
+    top_n: int = 10                    # the N most served items of a window ...
+    top_share_max: float = 0.9         # ... holding more than this share of the requests' top items
+    cold_start_max: float = 0.9        # share of exposures never trained on ...
+    cold_start_after: int = 2000       # ... checked once this many samples were seen (a fresh run starts cold)
     probe_top_k: int = 20
     probe_beam_width: int = 20
     kl_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        for name in ("min_served", "served_window", "probe_top_k", "probe_beam_width", "collapse_versions"):
+        for name in ("min_served", "served_window", "probe_top_k", "probe_beam_width", "collapse_versions",
+                     "kl_samples", "kl_min_samples", "kl_batch", "top_n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"drift.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.probe_top_k > self.probe_beam_width:
             raise ValueError("drift.probe_top_k must be <= drift.probe_beam_width")
         if not 0 < self.kl_eps < 1:
             raise ValueError(f"drift.kl_eps must be in (0, 1), got {self.kl_eps}")
+        for name in ("kl_level1_threshold", "kl_k1_prev_threshold", "kl_k1_ref_threshold", "kl_k3_prev_threshold",
+                     "kl_k3_ref_threshold", "entropy_min"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"drift.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("coverage_min", "top_share_max", "cold_start_max", "collapse_distinct_share"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"drift.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if int(self.cold_start_after) < 0:
+            raise ValueError(f"drift.cold_start_after must be >= 0, got {self.cold_start_after!r}")
+        if self.kl_min_samples > self.kl_samples:
+            raise ValueError("drift.kl_min_samples must be <= drift.kl_samples")

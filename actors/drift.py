@@ -13,33 +13,47 @@ Two kinds of records (one JSON object per line, `kind` says which):
                 from constrained beam search: each version's top-`probe_top_k` items with their
                 log pi, renormalised over the list; an item missing from the other list gets eps
                 (`learner.metrics.kl_from_logprobs`);
-  `kl_level1`   the exact KL of the full first-level (s1) distributions;
+  `kl_level1`   the exact KL(new || reference) of the full first-level (s1) distributions;
+  `kl_k1_prev`, `kl_k3_prev` (with `kl_prev_version`, `kl_prev_n`): KL(pi_old || pi_new) estimated
+                from the items that pi_old = the newest accepted version with >= `kl_min_samples`
+                buffered served samples actually served, scored by the new version on their own
+                contexts (actors/drift_signals.py: k1 = -log r, k3 = (r - 1) - log r, r = pi_new / pi_old);
+  `kl_k1_ref`, `kl_k3_ref` (`kl_ref_version`, `kl_ref_n`): the same against the OLDEST accepted
+                version still kept (up to KEEP_ACCEPTED back): the drift accumulated over versions;
   `entropy`     [H1, H2, H3]: entropy of each semantic-id level's distribution along the
                 unconstrained greedy decode (H1 is the full s1 distribution);
   `invalid_share` share of probe users whose unconstrained greedy code names no item;
   `probe_coverage`, `probe_gini` of the beam's top-k over the probe set;
-- "served", per model_version, every `served_window` samples (and on `flush()`): `n`,
+- "served", per model_version, every `served_window` samples of source "onerec" (and on `flush()`): `n`,
   `positive_share` (q > `positive_q` and no dislike: the report's top-quartile positives),
   `dislike_share`, `mean_play_time_s`, `coverage` and `gini` of the exposed items over the
-  catalogue, `cold_start_share` (exposed items that no earlier sample contained: not yet trained on).
-  `distinct_share` (distinct exposed items per exposure: 1 = every exposure a different item).
-Alerts: `kl > kl_threshold` (probe), `dislike_share > dislike_threshold` with at least
-`min_served` samples (served), or collapse: `collapse_versions` served records in a row with
-`distinct_share < collapse_distinct_share` or `gini > collapse_gini`: a WARNING log line, the `onerec_drift_alerts` counter, `alerts` in
-the record, and, when `rollback` is on, `on_rollback(to_version)`.
+  catalogue, `cold_start_share` (exposed items that no earlier sample contained: not yet trained on),
+  `distinct_share` (distinct exposed items per exposure: 1 = every exposure a different item),
+  `top_share` (share of requests whose top item is one of the window's `top_n` most served items).
+Alerts (thresholds in `[drift]`, actors/config.py; the kind is the alert's `kind`):
+  probe:  `kl` > kl_threshold, `kl_level1` > kl_level1_threshold, `k1_prev` / `k1_ref` (and, where
+          their thresholds are set, `k3_prev` / `k3_ref`) above theirs, `entropy` (any level) < entropy_min;
+  served (windows of >= `min_served` samples): `dislike` > dislike_threshold; `cold_start` >
+          cold_start_max once `cold_start_after` samples were seen; and for `collapse_versions`
+          windows in a row: `collapse` (distinct_share < collapse_distinct_share or gini > collapse_gini),
+          `coverage` < coverage_min, `top_share` > top_share_max.
+k1 and k3 estimate the same KL when x ~ pi_old; the served items are drawn from the beam (q = pi_old
+renormalised over the beam), where E_q[k1] = KL(q || pi_new) - KL(q || pi_old) still holds exactly (the
+beam's mass cancels) but E_q[r] != 1 biases k3 upwards without bound: k1 alerts, k3 (off by default)
+only where its threshold is set (actors/config.py says what a healthy loop measured).
+An alert is a WARNING log line, the `onerec_drift_alerts` counter, `alerts` in the record, and, when
+`rollback` is on, `on_rollback(to_version)`.
 
 `DriftMonitor` is the plain class; `DriftMonitorActor` its Ray wrapper, which receives weights exactly
 like a serving replica (`apply_weights(version, packed, checksum)`, so the WeightPublisher can push
 to it) and asks `rollback_target.rollback.remote(to_version)` to roll serving back.
-`onerec drift [LOG]` prints the table and writes the PNG plot.
+`onerec drift [LOG]` prints the table and writes the PNG plot (actors/drift_report.py).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,6 +64,9 @@ import ray
 import torch
 
 from actors.config import DriftConfig
+from actors.drift_report import (add_arguments, drift_table, format_table, main, plot_drift,  # noqa: F401
+                                  read_drift_log)  # `onerec drift` and the tests import them from here
+from actors.drift_signals import ServedSampleBuffer, kl_estimators, score_logprobs, top_item_share
 from learner import metrics
 from learner.beam import beam_search
 from learner.config import ModelConfig
@@ -60,18 +77,21 @@ from learner.tokenizer import SemanticTokenizer
 log = logging.getLogger(__name__)
 
 KEEP_ACCEPTED = 8  # accepted versions remembered as references / rollback targets
+EXPORTED = ("kl", "kl_level1", "kl_k1_prev", "kl_k3_prev", "kl_k1_ref", "kl_k3_ref", "invalid_share",
+            "probe_coverage", "probe_gini", "positive_share", "dislike_share", "mean_play_time_s", "coverage",
+            "gini", "cold_start_share", "distinct_share", "top_share", "version")
+# what the served-window checks compare: kind -> (record key, config threshold, alert when value is ...)
+RUN_CHECKS = (("coverage", "coverage", "coverage_min", "below"), ("top_share", "top_share", "top_share_max", "above"))
 
 
 class _Exporter:
-    """The drift gauges in ray.util.metrics (Prometheus / the Ray dashboard see them)."""
+    """The drift gauges in ray.util.metrics (Prometheus sees them as ray_onerec_drift_*)."""
 
     def __init__(self) -> None:
         from ray.util.metrics import Counter as RayCounter
         from ray.util.metrics import Gauge
 
-        names = ("kl", "kl_level1", "invalid_share", "probe_coverage", "probe_gini", "positive_share",
-                 "dislike_share", "mean_play_time_s", "coverage", "gini", "cold_start_share", "version")
-        self.gauges = {n: Gauge(f"onerec_drift_{n}", description=f"drift monitor: {n}") for n in names}
+        self.gauges = {n: Gauge(f"onerec_drift_{n}", description=f"drift monitor: {n}") for n in EXPORTED}
         self.entropy = Gauge("onerec_drift_entropy", description="entropy of a semantic-id level (nats)",
                              tag_keys=("level",))
         self.alerts = RayCounter("onerec_drift_alerts", description="drift alerts raised", tag_keys=("kind",))
@@ -85,6 +105,10 @@ class _Exporter:
             self.entropy.set(float(h), tags={"level": str(level)})
         for alert in record.get("alerts", []):
             self.alerts.inc(1.0, tags={"kind": alert["kind"]})
+
+
+def _alert(kind: str, value: float, threshold: float, **extra) -> dict:
+    return {"kind": kind, "value": float(value), "threshold": float(threshold), **extra}
 
 
 class DriftMonitor:
@@ -101,18 +125,20 @@ class DriftMonitor:
         self.tokenizer = tokenizer
         self.trie = tokenizer.trie()
         self.catalogue_size = len(tokenizer)
-        self._collapsed_run = 0          # served records in a row that looked collapsed
+        self._runs: dict[str, int] = defaultdict(int)   # served-window check -> failing windows in a row
         self.device = torch.device(device)
         self.model = LazyDecoder(model_cfg).to(self.device).eval()
         self.probe = build_context_batch(probe_contexts, tokenizer, model_cfg)  # validated once
         self.on_rollback = on_rollback
         self.trained_items: set[int] = {int(v) for v in trained_items}
+        self.samples_seen = 0
         self.exporter = _Exporter() if export_metrics else None
         self._probes: dict[int, dict] = {}     # accepted version -> its probe outputs
         self.accepted_versions: list[int] = []  # oldest first; the last one is the reference
         self.rolled_back_from: set[int] = set()
         self.latest_version = 0
         self._served: dict[int, list[dict]] = defaultdict(list)
+        self.served_buffer = ServedSampleBuffer(self.cfg.kl_samples, 4 * KEEP_ACCEPTED)
         Path(self.cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
 
     # ---- versions ------------------------------------------------------------------------------
@@ -135,8 +161,8 @@ class DriftMonitor:
                 metrics.kl_from_logprobs(ids, lp, rids, rlp, eps=self.cfg.kl_eps)
                 for ids, lp, rids, rlp in zip(probe["item_ids"], probe["logprobs"], ref["item_ids"], ref["logprobs"])]))
             record["kl_level1"] = float(np.mean(metrics.kl_divergence(probe["level1"], ref["level1"])))
-            if record["kl"] > self.cfg.kl_threshold:
-                record["alerts"].append({"kind": "kl", "value": record["kl"], "threshold": self.cfg.kl_threshold})
+        record.update(self._served_kl(version))
+        self._check_probe(record)
         if not record["alerts"]:
             self._probes[version] = probe
             self.accepted_versions.append(version)
@@ -145,6 +171,37 @@ class DriftMonitor:
             del self.accepted_versions[:-KEEP_ACCEPTED]
         self._finish(record)
         return record
+
+    def _served_kl(self, version: int) -> dict:
+        """k1 / k3 estimates of KL(pi_old || pi_new) against the previous and the reference version."""
+        out, estimates = {}, {}
+        usable = [v for v in self.accepted_versions
+                  if v < version and self.served_buffer.count(v) >= self.cfg.kl_min_samples]
+        for name, old in (("prev", usable[-1] if usable else None), ("ref", usable[0] if usable else None)):
+            out.update({f"kl_k1_{name}": None, f"kl_k3_{name}": None, f"kl_{name}_version": old, f"kl_{name}_n": 0})
+            if old is None:
+                continue
+            if old not in estimates:          # one version both previous and reference: scored once
+                samples = self.served_buffer.samples(old)
+                logp_new = score_logprobs(self.model, samples, self.tokenizer, self.model_cfg,
+                                          batch=self.cfg.kl_batch, device=self.device)
+                estimates[old] = kl_estimators([s["logprob"] for s in samples], logp_new)
+            est = estimates[old]
+            out.update({f"kl_k1_{name}": est["k1"], f"kl_k3_{name}": est["k3"], f"kl_{name}_n": est["n"]})
+        return out
+
+    def _check_probe(self, record: dict) -> None:
+        cfg, alerts = self.cfg, record["alerts"]
+        for kind, key, threshold in (("kl", "kl", cfg.kl_threshold), ("kl_level1", "kl_level1", cfg.kl_level1_threshold),
+                                     ("k1_prev", "kl_k1_prev", cfg.kl_k1_prev_threshold),
+                                     ("k1_ref", "kl_k1_ref", cfg.kl_k1_ref_threshold),
+                                     ("k3_prev", "kl_k3_prev", cfg.kl_k3_prev_threshold),
+                                     ("k3_ref", "kl_k3_ref", cfg.kl_k3_ref_threshold)):
+            if record.get(key) is not None and record[key] > threshold:
+                alerts.append(_alert(kind, record[key], threshold))
+        lowest = min(range(3), key=lambda level: record["entropy"][level])
+        if record["entropy"][lowest] < cfg.entropy_min:
+            alerts.append(_alert("entropy", record["entropy"][lowest], cfg.entropy_min, level=lowest + 1))
 
     @torch.no_grad()
     def _probe(self) -> dict:
@@ -171,11 +228,16 @@ class DriftMonitor:
 
     # ---- what was served -------------------------------------------------------------------------
     def observe_samples(self, samples: list[dict]) -> list[dict]:
-        """Take joined samples (the `samples` topic's dicts); emit a served record per full window."""
+        """Take joined samples (the `samples` topic's dicts); emit a served record per full window.
+        Samples of other pipelines (source "legacy": the popularity baseline) say nothing about the
+        policy and are left out."""
         records = []
         for s in samples:
+            if s.get("source", "onerec") != "onerec":
+                continue
             version = int(s["model_version"])
             self._served[version].append(s)
+            self.served_buffer.add(s)
             if len(self._served[version]) >= self.cfg.served_window:
                 records.append(self._served_record(version, self._served.pop(version)))
         return records
@@ -192,6 +254,7 @@ class DriftMonitor:
         items = np.array([int(s["item_id"]) for s in samples], dtype=np.int64)
         cold = np.array([int(v) not in self.trained_items for v in items])
         self.trained_items.update(items.tolist())
+        self.samples_seen += len(samples)
         exposed = np.unique(items, return_counts=True)[1]
         counts = np.concatenate([exposed, np.zeros(max(0, self.catalogue_size - len(exposed)))])  # (catalogue,)
         n = len(with_feedback)
@@ -201,31 +264,42 @@ class DriftMonitor:
                   "mean_play_time_s": float(play.mean()) if n else None,
                   "coverage": metrics.coverage(items, self.catalogue_size), "gini": metrics.gini(counts),
                   "cold_start_share": float(cold.mean()), "distinct_share": len(exposed) / max(len(samples), 1),
+                  "top_share": top_item_share([s.get("request_id") for s in samples], items,
+                                              [s.get("logprob") for s in samples], self.cfg.top_n),
                   "alerts": [], "rolled_back_to": None}
-        self._check_collapse(record)
-        if n >= self.cfg.min_served and record["dislike_share"] > self.cfg.dislike_threshold:
-            record["alerts"].append({"kind": "dislike", "value": record["dislike_share"],
-                                     "threshold": self.cfg.dislike_threshold})
-            if version in self.accepted_versions:
-                # it served badly: no longer a reference (nor a rollback target)
-                self.accepted_versions.remove(version)
-                self._probes.pop(version, None)
+        if record["n"] >= self.cfg.min_served:    # a few samples say nothing about the spread
+            self._check_collapse(record)
+            self._check_served(record, n)
+        if any(a["kind"] == "dislike" for a in record["alerts"]) and version in self.accepted_versions:
+            # it served badly: no longer a reference (nor a rollback target)
+            self.accepted_versions.remove(version)
+            self._probes.pop(version, None)
         self._finish(record)
         return record
 
+    def _check_served(self, record: dict, n_feedback: int) -> None:
+        cfg = self.cfg
+        if n_feedback >= cfg.min_served and record["dislike_share"] > cfg.dislike_threshold:
+            record["alerts"].append(_alert("dislike", record["dislike_share"], cfg.dislike_threshold))
+        warm = self.samples_seen - record["n"] >= cfg.cold_start_after
+        if warm and record["cold_start_share"] > cfg.cold_start_max:
+            record["alerts"].append(_alert("cold_start", record["cold_start_share"], cfg.cold_start_max))
+        for kind, key, threshold_name, side in RUN_CHECKS:
+            value, threshold = record[key], getattr(cfg, threshold_name)
+            failing = value is not None and (value < threshold if side == "below" else value > threshold)
+            self._runs[kind] = self._runs[kind] + 1 if failing else 0
+            if self._runs[kind] >= cfg.collapse_versions:
+                record["alerts"].append(_alert(kind, value, threshold, consecutive=self._runs[kind]))
+
     def _check_collapse(self, record: dict) -> None:
         """Collapse: `collapse_versions` served records in a row with few distinct items per exposure
-        (`distinct_share`) or a near-1 Gini of exposure over the catalogue. Windows smaller than
-        `min_served` do not count (a few samples say nothing about the spread)."""
-        if record["n"] < self.cfg.min_served:
-            return
+        (`distinct_share`) or a near-1 Gini of exposure over the catalogue."""
         collapsed = (record["distinct_share"] < self.cfg.collapse_distinct_share
                      or record["gini"] > self.cfg.collapse_gini)
-        self._collapsed_run = self._collapsed_run + 1 if collapsed else 0
-        if self._collapsed_run >= self.cfg.collapse_versions:
-            record["alerts"].append({"kind": "collapse", "value": record["distinct_share"],
-                                     "threshold": self.cfg.collapse_distinct_share,
-                                     "gini": record["gini"], "consecutive": self._collapsed_run})
+        self._runs["collapse"] = self._runs["collapse"] + 1 if collapsed else 0
+        if self._runs["collapse"] >= self.cfg.collapse_versions:
+            record["alerts"].append(_alert("collapse", record["distinct_share"], self.cfg.collapse_distinct_share,
+                                           gini=record["gini"], consecutive=self._runs["collapse"]))
 
     def reference_version(self) -> int | None:
         return self.accepted_versions[-1] if self.accepted_versions else None
@@ -236,8 +310,8 @@ class DriftMonitor:
         target = None
         if record["alerts"]:
             for alert in record["alerts"]:
-                log.warning("drift alert: version %d %s = %.4f > %.4f", version, alert["kind"], alert["value"],
-                            alert["threshold"])
+                log.warning("drift alert: version %d %s = %.4f (threshold %.4f)", version, alert["kind"],
+                            alert["value"], alert["threshold"])
             older = [v for v in self.accepted_versions if v < version]
             if self.cfg.rollback and older and version not in self.rolled_back_from and version == self.latest_version:
                 target = older[-1]
@@ -297,134 +371,3 @@ class DriftMonitorActor:
     def health(self) -> dict:
         return {"version": self.monitor.latest_version, "reference_version": self.monitor.reference_version(),
                 "rollbacks": list(self.rollbacks)}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def read_drift_log(path: str | Path) -> list[dict]:
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {n}: not JSON ({exc.msg})") from None
-    return records
-
-
-PROBE_KEYS = ("kl", "kl_level1", "entropy", "invalid_share", "probe_coverage", "probe_gini")
-
-
-def drift_table(records: list[dict]) -> list[dict]:
-    """One row per version: its probe record merged with the sample-weighted mean of its served records."""
-    rows: dict[int, dict] = {}
-    for r in records:
-        row = rows.setdefault(int(r["version"]), {"version": int(r["version"]), "alerts": [], "rolled_back_to": None})
-        row["alerts"] += [a["kind"] for a in r.get("alerts", [])]
-        row["rolled_back_to"] = r.get("rolled_back_to") or row["rolled_back_to"]
-        if r["kind"] == "probe":
-            row.update({k: r[k] for k in PROBE_KEYS})
-        elif r["kind"] == "served":
-            row.setdefault("_served", []).append(r)
-    for row in rows.values():
-        served = row.pop("_served", [])
-        if served:
-            weights = np.array([max(s.get("n_feedback", s["n"]), 0) for s in served], dtype=float)
-            row["n"] = int(sum(s["n"] for s in served))
-            for key in ("positive_share", "dislike_share", "mean_play_time_s", "coverage", "gini", "cold_start_share"):
-                vals = [(s[key], w) for s, w in zip(served, weights) if s.get(key) is not None]
-                row[key] = (float(np.average([v for v, _ in vals], weights=[max(w, 1e-9) for _, w in vals]))
-                            if vals else None)
-    return [rows[v] for v in sorted(rows)]
-
-
-COLUMNS = (("version", "{:>7d}"), ("kl", "{:>7.3f}"), ("kl_level1", "{:>7.3f}"), ("entropy", None),
-           ("invalid_share", "{:>7.3f}"), ("coverage", "{:>7.3f}"), ("gini", "{:>6.3f}"),
-           ("cold_start_share", "{:>6.3f}"), ("positive_share", "{:>6.3f}"), ("dislike_share", "{:>7.4f}"),
-           ("mean_play_time_s", "{:>7.2f}"), ("n", "{:>6d}"))
-HEADERS = ("version", "KL", "KL_s1", "H1/H2/H3", "invalid", "cover", "gini", "cold", "pos", "dislike", "play_s", "n")
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["  ".join(f"{h:>7s}" if h != "H1/H2/H3" else f"{h:>14s}" for h in HEADERS) + "  alerts"]
-    for row in rows:
-        cells = []
-        for (key, fmt), header in zip(COLUMNS, HEADERS):
-            value = row.get(key)
-            if key == "entropy":
-                cells.append(f"{'/'.join(f'{h:.2f}' for h in value):>14s}" if value else f"{'-':>14s}")
-            elif value is None:
-                cells.append(f"{'-':>7s}")
-            else:
-                cells.append(fmt.format(value).rjust(7))
-        alert = ",".join(row["alerts"])
-        if row.get("rolled_back_to") is not None:
-            alert += f" -> rolled back to {row['rolled_back_to']}"
-        lines.append("  ".join(cells) + "  " + alert)
-    return "\n".join(lines)
-
-
-def plot_drift(rows: list[dict], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    versions = [r["version"] for r in rows]
-
-    def series(key):
-        return [np.nan if r.get(key) is None else r[key] for r in rows]
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    axes[0, 0].plot(versions, series("kl"), marker="o", label="KL(new || reference), top-k")
-    axes[0, 0].plot(versions, series("kl_level1"), marker=".", label="KL level 1 (exact)")
-    for level in range(3):
-        axes[0, 1].plot(versions, [np.nan if not r.get("entropy") else r["entropy"][level] for r in rows],
-                        marker=".", label=f"H level {level + 1}")
-    axes[0, 1].plot(versions, series("invalid_share"), marker="x", label="invalid share")
-    for key in ("coverage", "gini", "cold_start_share", "probe_coverage"):
-        axes[1, 0].plot(versions, series(key), marker=".", label=key)
-    for key in ("positive_share", "dislike_share"):
-        axes[1, 1].plot(versions, series(key), marker=".", label=key)
-    ax2 = axes[1, 1].twinx()
-    ax2.plot(versions, series("mean_play_time_s"), color="grey", linestyle="--", label="mean play (s)")
-    ax2.set_ylabel("mean play time (s)")
-    for r in rows:
-        if r["alerts"]:
-            for ax in axes.flat:
-                ax.axvline(r["version"], color="red", alpha=0.3)
-    for ax, title in zip(axes.flat, ("policy movement", "entropy / validity", "exposure", "what was served")):
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    for ax in axes[1]:
-        ax.set_xlabel("weights version")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("log", nargs="?", default=None, help="drift JSON-lines log (default: drift.log_path)")
-    parser.add_argument("--plot", default=None, help="PNG path (default: the log's path with .png)")
-    parser.add_argument("--json", action="store_true", help="print the table rows as one JSON list")
-
-
-def main(args: argparse.Namespace, cfg) -> int:
-    args.log = args.log or cfg.drift.log_path
-    try:
-        rows = drift_table(read_drift_log(args.log))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"onerec drift: {args.log}: {exc}", file=sys.stderr)
-        return 2
-    if not rows:
-        print(f"onerec drift: {args.log} has no records", file=sys.stderr)
-        return 1
-    plot_path = Path(args.plot) if args.plot else Path(args.log).with_suffix(".png")
-    plot_drift(rows, plot_path)
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        print(format_table(rows))
-    print(f"plot: {plot_path}", file=sys.stderr)
-    return 0
-

@@ -43,6 +43,10 @@ def main(args: argparse.Namespace, cfg) -> int:
     loop = Loop(cfg, cli_args=cli_passthrough(args), log_dir=args.log_dir, traffic=not args.no_traffic)
     rc = asyncio.run(loop.run(duration_s=duration))
     print(summary_table(loop.last_status, loop.traffic))
+    if loop.traffic is not None and loop.traffic.ledger.max_t > 0:
+        path = f"{args.log_dir}/stay_time.png"
+        loop.traffic.plot_stay_time(path)
+        print(f"stay time per simulated day: {path}")
     return rc
 
 
@@ -71,7 +75,8 @@ def progress_line(status: dict, bridge, elapsed_s: float, *, arm: str | None = N
 
 
 def summary_table(status: dict, traffic) -> str:
-    """Per serving version: samples trained, positive and dislike shares, mean play time."""
+    """Per serving version: samples trained, positive and dislike shares, mean play time (and the
+    traffic's requests served by it), then the traffic's stay time per simulated day."""
     rows = ["version  samples  positive  dislike  play_s"]
     for version, c in sorted((status or {}).get("by_version", {}).items(), key=lambda kv: int(kv[0])):
         n = c.get("feedback", 0)

@@ -291,6 +291,9 @@ class Loop:
                     continue
                 if arm is self.primary:
                     self.metrics.record(status, self.bridge)
+                stay = self.traffic.stay_time_so_far(arm.name) if self.traffic is not None else None
+                if stay is not None:
+                    self.metrics.record_arm(arm.name, stay, version=status["version"])
                 self._say(progress_line(status, self.bridge, time.monotonic() - self.started_at,
                                         arm=arm.name if self.experiment else None, traffic=self.traffic))
 

@@ -1,10 +1,21 @@
 """Loop metrics through `ray.util.metrics` (exported by Ray's Prometheus endpoint on each node).
 
 Invariant: recorded from one place (the driver's progress loop, from the learner's status and the
-bridge's counters), so each number has one writer and the progress line shows the same values.
+bridge's counters; the traffic's stay time through `record_arm`), so each number has one writer and
+the progress line shows the same values.
+
+Ray's endpoint (`ray.nodes()[i]["MetricsExportPort"]`, or the port given to
+`ray start --metrics-export-port`) serves every metric with the prefix `ray_`: `onerec_learner_version`
+is scraped as `ray_onerec_learner_version`, with Ray's own labels (SessionName, NodeAddress, ...) on top
+of ours, and a counter whose name does not end in `_total` gets the suffix (`onerec_drift_alerts` is
+scraped as `ray_onerec_drift_alerts_total`). infra/prometheus/prometheus.yml scrapes it;
+infra/grafana/onerec.json charts it.
+`exported_metric_names()` lists every name this module and the drift monitor export (the dashboard's
+test checks its queries against it).
 """
 from __future__ import annotations
 
+import math
 import time
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -26,6 +37,10 @@ class LoopMetrics:
                                     description="share of fed-back items with A = +1, per serving version")
         self.dislike_share = Gauge("onerec_dislike_share", tag_keys=("served_version",),
                                    description="share of fed-back items disliked, per serving version")
+        self.stay_time = Gauge("onerec_stay_time_s", tag_keys=("arm",),
+                               description="simulated users' stay time so far, seconds per user-day, per arm")
+        self.arm_version = Gauge("onerec_arm_version", tag_keys=("arm",),
+                                 description="latest published weight version of an arm's learner")
         self._requests_seen = 0
         self._errors_seen = 0
         self._latencies_seen = 0
@@ -56,3 +71,32 @@ class LoopMetrics:
             for value in new:
                 self.latency.observe(value)
             self._latencies_seen = len(bridge.latencies_ms)
+
+    def record_arm(self, arm: str, stay_time_s_per_user_day: float | None, *, version: int | None = None) -> None:
+        """One arm's stay time (the traffic's `stay_time_so_far(arm)`; None: nothing measured yet) and,
+        when given, its learner's version. Call it from the progress loop, once per arm."""
+        if not arm:
+            raise ValueError("arm: must be a non-empty name")
+        tags = {"arm": str(arm)}
+        if stay_time_s_per_user_day is not None:
+            value = float(stay_time_s_per_user_day)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"stay_time_s_per_user_day: must be finite and >= 0, got {stay_time_s_per_user_day!r}")
+            self.stay_time.set(value, tags=tags)
+        if version is not None:
+            self.arm_version.set(int(version), tags=tags)
+
+    def names(self) -> list[str]:
+        """The names of the metrics this instance declared (as `ray.util.metrics` knows them)."""
+        return [m.info["name"] for m in vars(self).values() if hasattr(m, "info")]
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric name the loop exports (LoopMetrics' and the drift monitor's), without Ray's `ray_` prefix."""
+    from actors.drift import EXPORTED
+
+    loop = {"onerec_learner_version", "onerec_replica_version_lag", "onerec_seconds_since_publish",
+            "onerec_learner_samples_per_second", "onerec_learner_loss", "onerec_bridge_requests_total",
+            "onerec_bridge_errors_total", "onerec_bridge_latency_ms", "onerec_positive_share",
+            "onerec_dislike_share", "onerec_stay_time_s", "onerec_arm_version"}
+    return loop | {f"onerec_drift_{n}" for n in EXPORTED} | {"onerec_drift_entropy", "onerec_drift_alerts"}

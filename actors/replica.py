@@ -18,6 +18,15 @@ built from a storage-less skeleton. Its snapshot holds the buffer, so the object
 while any request uses that version and is released when the last one finishes. On another
 device (CUDA) views of host memory cannot serve, so the weights are copied into an idle model.
 
+Serving dtype (`serve.dtype`, `dtype=`): fp32 serves the published tensors as they are, and only fp32
+is zero-copy. bf16, int8 and fp8 versions build their own tensors: each pushed version is first
+assembled from views of the buffer (no copy), then `learner.quant.prepare_for_serving` casts it
+(bf16: every floating tensor a new one) or quantizes its Linears (int8: per-row dynamic int8; fp8:
+bf16 with the wide Linears in fp8, CUDA only), before the swap; that cost is part of
+`last_apply_s` (the push time). int8 leaves embeddings and norms as views of the buffer, which the
+snapshot then keeps pinned like a zero-copy one. A dtype this machine runs slowly (bf16 without
+AVX-512 BF16) still serves, with a warning in the log (`learner.quant.serving_dtype_support`).
+
 `ServingReplica` is the plain class (tested in-process); `ReplicaActor` is its thin Ray wrapper,
 a threaded actor so a weight load runs beside requests instead of stalling them.
 """
@@ -39,6 +48,7 @@ from learner.beam import beam_search, sample_from_beam
 from learner.config import ModelConfig
 from learner.features import build_context_batch
 from learner.model import LazyDecoder
+from learner.quant import SERVING_DTYPES, prepare_for_serving, serving_dtype_support
 from learner.tokenizer import SemanticTokenizer
 
 log = logging.getLogger(__name__)
@@ -70,18 +80,27 @@ class ServingReplica:
 
     def __init__(self, model: torch.nn.Module, *, tokenizer: SemanticTokenizer | None = None,
                  model_cfg: ModelConfig | None = None, version: int = 0, device: str = "cpu",
-                 zero_copy: bool | None = None):
-        """`zero_copy` (default: on the CPU) serves new versions as views of the published buffer."""
+                 zero_copy: bool | None = None, dtype: str = "fp32"):
+        """`zero_copy` (default: on the CPU, fp32 only) serves new versions as views of the published
+        buffer; `dtype` (serve.dtype) is what every version is served in (`model` is float32)."""
         self.device = torch.device(device)
-        self.zero_copy = self.device.type == "cpu" if zero_copy is None else bool(zero_copy)
-        if self.zero_copy and self.device.type != "cpu":
-            raise ValueError(f"zero_copy: views of host memory cannot serve on device {device!r}")
+        if dtype not in SERVING_DTYPES:
+            raise ValueError(f"dtype: must be one of {SERVING_DTYPES}, got {dtype!r}")
+        self.dtype = dtype
+        self.zero_copy = self.device.type == "cpu" and dtype == "fp32" if zero_copy is None else bool(zero_copy)
+        if self.zero_copy and (self.device.type != "cpu" or dtype != "fp32"):
+            raise ValueError(f"zero_copy: only fp32 on the CPU serves views of host memory, not {dtype} on {device!r}")
+        fast, kind = serving_dtype_support(dtype, self.device)   # raises nothing: fp8 on a CPU fails below
+        if not fast and dtype != "fp8":
+            log.warning("serve.dtype %s on %s: supported but slow here (fast with %s)", dtype, kind,
+                        "AVX-512 BF16 or AMX" if dtype == "bf16" else "AVX-512 VNNI or AMX")
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.trie = tokenizer.trie() if tokenizer is not None else None
-        model = model.to(self.device).eval()
-        self._skeleton = storage_less_copy(model) if self.zero_copy else None
         self._fields = {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
+        converting = dtype != "fp32"
+        self._skeleton = storage_less_copy(model) if self.zero_copy or converting else None
+        model = prepare_for_serving(model, dtype, self.device) if converting else model.to(self.device).eval()
         self._active = _Snapshot(int(version), model)
         self._standby: torch.nn.Module | None = None   # copy path: the previous model, reused when idle
         self._in_use: dict[int, int] = {}          # id(model) -> requests running on it
@@ -158,7 +177,10 @@ class ServingReplica:
             try:
                 verify_checksum(weights, checksum)
                 tensors = self._fitting_tensors(weights)
-                if self.zero_copy:
+                if self.dtype != "fp32":
+                    model = prepare_for_serving(self._viewing_model(tensors), self.dtype, self.device)
+                    snapshot = _Snapshot(version, model, weights)   # int8 may keep views (embeddings)
+                elif self.zero_copy:
                     snapshot = _Snapshot(version, self._viewing_model(tensors), weights)
                 else:
                     snapshot = _Snapshot(version, self._copied_model(tensors))
@@ -167,7 +189,7 @@ class ServingReplica:
             with self._lock:
                 old = self._active
                 self._active = snapshot                   # the atomic swap
-                if not self.zero_copy:
+                if not self.zero_copy and self.dtype == "fp32":
                     self._standby = old.model
             # zero-copy: the old version's buffer is released with its last request's snapshot
             self.applied_at = time.time()
@@ -213,7 +235,7 @@ class ServingReplica:
 
     def health(self) -> dict:
         return {"version": self.version, "applied_at": self.applied_at, "requests_served": self.requests_served,
-                "last_apply_s": self.last_apply_s, "zero_copy": self.zero_copy}
+                "last_apply_s": self.last_apply_s, "zero_copy": self.zero_copy, "dtype": self.dtype}
 
 
 class _ReplicaCalls:
@@ -236,11 +258,11 @@ class ReplicaActor(_ReplicaCalls):
     """Ray wrapper: builds the model once from a config, a tokenizer and a published version."""
 
     def __init__(self, model_cfg: ModelConfig, tokenizer_bytes: bytes, version: int, weights: np.ndarray,
-                 checksum: int, *, device: str = "cpu", torch_threads: int = 1):
+                 checksum: int, *, device: str = "cpu", torch_threads: int = 1, dtype: str = "fp32"):
         torch.set_num_threads(torch_threads)
         tokenizer = SemanticTokenizer.load(io.BytesIO(tokenizer_bytes))
         self.replica = ServingReplica(LazyDecoder(model_cfg), tokenizer=tokenizer, model_cfg=model_cfg,
-                                      version=0, device=device)
+                                      version=0, device=device, dtype=dtype)
         self.replica.apply_weights(version, weights, checksum)
 
     def recommend(self, contexts: list[dict], top_k: int, beam_width: int, temperature: float = 0.0) -> dict:

@@ -43,17 +43,31 @@ def targets(report: dict) -> dict:
     return out
 
 
+def pretrain(workdir: str, seconds: float) -> str:
+    """`onerec pretrain` for `seconds` into workdir/pretrain (its own process: its threads, its memory)."""
+    import subprocess
+
+    out = f"{workdir}/pretrain"
+    subprocess.run([sys.executable, "-m", "onerec.cli", "pretrain", "--time-budget", str(seconds), "--out", out,
+                    "--show-users", "0"], check=True, stdout=sys.stderr)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=900.0, help="wall seconds of traffic (<= 1200)")
     parser.add_argument("--arms", default=",".join(DEFAULT_AB_ARMS))
     parser.add_argument("--users", type=int, default=None, help="simulated users over all arms (simulator.ab_users)")
     parser.add_argument("--out", default=None, help="folder for ab.json and ab.png (default: a temp folder)")
+    parser.add_argument("--pretrain-s", type=float, default=120.0,
+                        help="seconds of `onerec pretrain` on the KuaiRand week first; every learned arm starts from "
+                             "its weights (the report's RL is post-training); 0 = random init")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="onerec-bench-ab-")
+    init_from = pretrain(workdir, args.pretrain_s) if args.pretrain_s > 0 else ""
     overrides = [f"stream.bootstrap_servers=127.0.0.1:{free_port()}", "stream.namespace=benchab",
-                 f"loop.checkpoint_dir={workdir}/checkpoints", "loop.init_from=", "serve.bridge_port=0",
+                 f"loop.checkpoint_dir={workdir}/checkpoints", f"loop.init_from={init_from}", "serve.bridge_port=0",
                  "loop.progress_every_s=30", f"drift.log_path={workdir}/drift.jsonl", *args.set]
     if args.users:
         overrides.append(f"simulator.ab_users={args.users}")
@@ -66,7 +80,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot_ab(report, out / "ab.png")
     report.update({"targets": targets(report), "wall_s": round(time.monotonic() - start, 1),
-                   "duration_s": args.duration, "users": users, "plot": str(out / "ab.png")})
+                   "duration_s": args.duration, "users": users, "plot": str(out / "ab.png"),
+                   "pretrain_s": args.pretrain_s})
     (out / "ab.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
 

@@ -34,6 +34,11 @@ featurization (CPU work that happens before the context reaches the GPU, the noi
     python bench/generate.py           # ~2-3 minutes on 2 cores
     python bench/generate.py --quick   # fewer requests
     python bench/generate.py --device cuda [--quant both] [--batch 1 16 64] [--config 0.1B]
+    python bench/generate.py --serve-dtypes fp32 int8 bf16   # serve.dtype vs fp32 (key serve_dtype)
+
+`serve_dtype` (CPU): each serve.dtype as the replicas serve it, on the same requests as fp32, beam 512:
+requests/s, p99, `speedup_vs_fp32`, `topk_overlap_vs_fp32` (top-10); the target (>= 1.9x the fp32
+requests/s with overlap >= 0.95) needs a CPU with AVX-512 BF16 / VNNI.
 """
 from __future__ import annotations
 
@@ -109,6 +114,66 @@ def run_config(name: str, cfg: ModelConfig, dtype: torch.dtype, n_requests: int)
             "p50_ms": 1000 * p50, "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "gflops_per_request": flops / 1e9, "achieved_gflop_per_s": achieved / 1e9,
             "matmul_gflop_per_s": peak / 1e9, "cpu_mfu": achieved / peak}
+
+
+def run_serve_dtypes(cfg: ModelConfig, dtypes: list[str], n_requests: int) -> dict:
+    """serve.dtype as the replicas serve it (learner.quant.prepare_for_serving of the same float32
+    weights), at beam 512 on the same requests, the dtypes taking turns on each request so that the
+    shared cores' load hits them alike. Per dtype: requests/s (n / summed latency), p50 / p99,
+    `speedup_vs_fp32` (requests/s over fp32's), `topk_overlap_vs_fp32` (|top-10 ∩ fp32's top-10| / 10,
+    mean over requests) and `prepare_s` (the conversion a push pays)."""
+    import copy
+
+    from learner.quant import prepare_for_serving, serving_dtype_support
+
+    torch.manual_seed(0)
+    base = LazyDecoder(cfg).eval()
+    models, out = {}, {"cpu": serving_dtype_support("fp32")[1], "beam_width": BEAM, "top_k": TOP_K}
+    for dtype in ["fp32", *[d for d in dtypes if d != "fp32"]]:
+        t0 = time.perf_counter()
+        models[dtype] = prepare_for_serving(copy.deepcopy(base), dtype)
+        out[dtype] = {"prepare_s": time.perf_counter() - t0, "fast_here": serving_dtype_support(dtype)[0]}
+    tok = random_code_tokenizer(min(200_000, cfg.codebook_size ** 3 // 2), cfg.codebook_size, seed=1)
+    trie = tok.trie()
+    rng = np.random.default_rng(0)
+    contexts = [random_context(rng, cfg, tok.item_ids, n_short=N_SHORT, n_long=N_CONTEXT_ITEMS - N_SHORT)
+                for _ in range(n_requests + 1)]
+    latencies = {d: [] for d in models}
+    tops = {d: [] for d in models}
+    for i, context in enumerate(contexts):
+        for dtype, model in models.items():
+            t0 = time.perf_counter()
+            recs = beam_search(model, build_context_batch([context], tok, cfg), trie, beam_width=BEAM, top_k=TOP_K)
+            if i:                                      # the first request warms up
+                latencies[dtype].append(time.perf_counter() - t0)
+                tops[dtype].append(set(recs.item_ids[0].tolist()))
+    for dtype in models:
+        lat = np.asarray(latencies[dtype])
+        out[dtype].update({"requests": len(lat), "requests_per_s": len(lat) / lat.sum(),
+                           "p50_ms": 1000 * float(np.percentile(lat, 50)), "p99_ms": 1000 * float(np.percentile(lat, 99)),
+                           "topk_overlap_vs_fp32": float(np.mean([len(a & b) / TOP_K
+                                                                  for a, b in zip(tops["fp32"], tops[dtype])]))})
+    for dtype in models:
+        out[dtype]["speedup_vs_fp32"] = out[dtype]["requests_per_s"] / out["fp32"]["requests_per_s"]
+    best = max((d for d in models if d in ("bf16", "int8")), key=lambda d: out[d]["speedup_vs_fp32"], default=None)
+    out["target_met_1.9x_at_overlap_0.95"] = bool(best and out[best]["speedup_vs_fp32"] >= 1.9
+                                                 and out[best]["topk_overlap_vs_fp32"] >= 0.95)
+    return out
+
+
+def default_serve_dtypes() -> list[str]:
+    """int8 always; bf16 only where this CPU runs it natively (otherwise each bf16 request takes minutes)."""
+    from learner.quant import serving_dtype_support
+
+    return ["fp32", "int8"] + (["bf16"] if serving_dtype_support("bf16")[0] else [])
+
+
+def serve_dtype_section(args) -> dict:
+    """The `serve_dtype` key: run_serve_dtypes on --serve-config (5 requests, 2 with --quick)."""
+    cfg = ModelConfig.from_name(args.serve_config).replace(max_short=N_SHORT, max_long=N_CONTEXT_ITEMS - N_SHORT)
+    out = run_serve_dtypes(cfg, args.serve_dtypes or default_serve_dtypes(), 2 if args.quick else 5)
+    out["config"] = args.serve_config
+    return out
 
 
 def gpu_matmul_tflops(kind: str, n: int = GPU_MATMUL_N, reps: int = 20, rounds: int = 3) -> float:
@@ -264,6 +329,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="cuda: requests per beam search, one measurement each (default 1 16 64)")
     parser.add_argument("--config", default="0.1B", help="cuda: the model preset measured (default 0.1B)")
+    parser.add_argument("--serve-dtypes", nargs="+", choices=["fp32", "bf16", "int8"], default=None,
+                        help="cpu: serve.dtype values measured against fp32 in the same run, key serve_dtype "
+                             "(default fp32 int8, + bf16 where the CPU has AVX-512 BF16)")
+    parser.add_argument("--no-serve-dtypes", action="store_true", help="cpu: skip the serve.dtype measurement")
+    parser.add_argument("--serve-config", default="0.1B", help="cpu: the preset of the serve.dtype measurement")
+    parser.add_argument("--serve-only", action="store_true", help="cpu: only the serve.dtype measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -277,6 +348,11 @@ def main() -> None:
         parser.error("--quant, --batch and --config apply to --device cuda "
                      "(fp8 on the CPU is an emulation, not a speed-up)")
     out = {"device": "cpu", "threads": args.threads}
+    if args.serve_only:
+        out["serve_dtype"] = serve_dtype_section(args)
+        out["wall_s"] = time.perf_counter() - t0
+        print(json.dumps(out, indent=1))
+        return
     small_dtype = getattr(torch, args.dtype)
     tiny = ModelConfig.from_name("tiny").replace(max_short=N_SHORT, max_long=N_CONTEXT_ITEMS - N_SHORT)
     out["tiny"] = run_config("tiny", tiny, torch.float32, 5 if args.quick else 20)
@@ -285,6 +361,8 @@ def main() -> None:
     out["cpu_mfu"] = out["0.1B"]["cpu_mfu"]
     out["p99_ms"] = {"tiny": out["tiny"]["p99_ms"], "0.1B": out["0.1B"]["p99_ms"]}
     out["target_met_cpu_mfu_ge_0.25"] = out["cpu_mfu"] >= 0.25
+    if not args.no_serve_dtypes:
+        out["serve_dtype"] = serve_dtype_section(args)
     out["wall_s"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
 

@@ -41,7 +41,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from learner.config import ModelConfig  # noqa: E402
 from learner.features import build_context_batch  # noqa: E402
-from learner.flops import lazy_forward_flops  # noqa: E402
+from learner.flops import training_flops_per_sample  # noqa: E402
 from learner.model import LazyDecoder  # noqa: E402
 from learner.ops import autocast_dtype  # noqa: E402
 from learner.step import StepBatch, StepWeights, train_step  # noqa: E402
@@ -163,7 +163,7 @@ def free_port() -> int:
 def batch_sweep(cfg: ModelConfig, batches: list[int], threads: int, min_steps: int, min_seconds: float) -> dict:
     """One worker in this process; the matmul peak is measured just before and after each batch
     size (the larger one counts), so that load from other processes hits both alike."""
-    flops = 3 * lazy_forward_flops(cfg, cfg.profile_fields + N_SHORT + N_LONG)["total"]
+    flops = training_flops_per_sample("lazy", cfg, cfg.profile_fields + N_SHORT + N_LONG)
     rows = {}
     for b in batches:
         before, before_cpu = matmul_gflops(threads)

@@ -1,6 +1,7 @@
 """Post-training quantization of the Linear layers for inference: int8 and FP8 (e4m3).
 
-Invariant: quantization only replaces `nn.Linear` modules of a copy of the model by modules that
+Invariant: quantization only replaces `nn.Linear` modules of a copy of the model (or, `inplace`, of a
+model built to be served) by modules that
 compute the same function up to rounding of weights (and, for the dynamic modes, of activations);
 embeddings, norms, the MoE expert tensors and the context processor's (k, v) stay as they are, so
 beam search, the trie and logprobs work unchanged on the quantized copy.
@@ -254,14 +255,16 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_model(model: nn.Module, mode: str, *, skip: tuple[str, ...] = (), rule: Fp8Rule = Fp8Rule(),
-                   activation_kernel: str = "fused") -> nn.Module:
+                   activation_kernel: str = "fused", inplace: bool = False) -> nn.Module:
     """A copy of model with every nn.Linear (except names starting with one of `skip`, and for fp8
-    those narrower than rule.min_out_features) quantized. activation_kernel: fp8 on CUDA only."""
+    those narrower than rule.min_out_features) quantized. activation_kernel: fp8 on CUDA only.
+    inplace=True replaces the Linears of `model` itself (no copy: for a model built to be served;
+    the original Linear weights are only read, so they may be read-only views)."""
     if mode not in MODES:
         raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     if activation_kernel not in ACTIVATION_KERNELS:
         raise ValueError(f"activation_kernel: must be one of {ACTIVATION_KERNELS}, got {activation_kernel!r}")
-    quantized = copy.deepcopy(model).eval()
+    quantized = (model if inplace else copy.deepcopy(model)).eval()
     memo = ActivationMemo()
     for name, module in list(quantized.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -278,3 +281,52 @@ def quantize_model(model: nn.Module, mode: str, *, skip: tuple[str, ...] = (), r
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by parameters and buffers (the quantized weights are buffers)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+# ----------------------------------------------------------------------------- serving dtypes
+SERVING_DTYPES = ("fp32", "bf16", "int8", "fp8")    # serve.dtype
+
+
+def serving_dtype_support(dtype: str, device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """(fast, why) for serving in `dtype` on `device`: the one place that reads the CPU's kind.
+
+    On the CPU: bf16 is fast with AVX-512 BF16 or AMX (torch.backends.cpu.get_cpu_capability() names
+    the dispatch level, AVX2 / AVX512, and torch.cpu's feature flags the BF16 / VNNI extensions);
+    without them it works, but every bf16 matmul is emulated (~40x slower than fp32 on AVX2). int8
+    (`torch._int_mm`) is fast with VNNI and works everywhere. fp8 serves on CUDA only (on the CPU it is
+    an emulation that dequantizes every call). On CUDA every dtype is fast but int8 (fp8 and bf16 use the
+    tensor cores; int8 works, unmeasured here)."""
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"dtype: must be one of {SERVING_DTYPES}, got {dtype!r}")
+    if torch.device(device).type == "cuda":
+        return dtype != "int8", "cuda"
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = {name: bool(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)())
+             for name in ("avx512_bf16", "amx_tile", "vnni")}
+    kind = f"cpu {capability}" + "".join(f" +{name}" for name, on in flags.items() if on)
+    if dtype == "bf16":
+        return flags["avx512_bf16"] or flags["amx_tile"], kind
+    if dtype == "int8":
+        return flags["vnni"] or flags["amx_tile"], kind
+    if dtype == "fp8":
+        return False, kind
+    return True, kind
+
+
+def prepare_for_serving(model: nn.Module, dtype: str, device: str | torch.device = "cpu") -> nn.Module:
+    """`model` (float32, any device) as served in `dtype` on `device`, converted in place: fp32 moved,
+    bf16 cast (every floating tensor is a new one), int8 = per-row dynamic int8 Linears
+    ("int8_dynamic"), fp8 = bf16 with SERVING_FP8_RULE's Linears in fp8 (CUDA only)."""
+    device = torch.device(device)
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"dtype: must be one of {SERVING_DTYPES}, got {dtype!r}")
+    if dtype == "fp8" and device.type != "cuda":
+        raise ValueError("dtype fp8 serves on CUDA only (on the CPU it is a slow emulation): use fp32, bf16 or int8")
+    model = model.to(device).eval()
+    if dtype == "bf16":
+        return model.to(torch.bfloat16)
+    if dtype == "int8":
+        return quantize_model(model, "int8_dynamic", inplace=True)
+    if dtype == "fp8":
+        return quantize_model(model.to(torch.bfloat16), "fp8", rule=SERVING_FP8_RULE, inplace=True)
+    return model

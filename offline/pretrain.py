@@ -147,6 +147,8 @@ def main(args, cfg) -> int:
 
     # top-k for the users with the most activity in the log, from their history after the week
     model.eval()
+    if args.show_users <= 0:
+        return 0
     users = [int(u) for u, _ in collections.Counter(log.user_id.tolist()).most_common(args.show_users)]
     history = kuairand.UserHistory(short_len=model_cfg.max_short, long_len=model_cfg.max_long)
     for i in range(len(log)):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SERVE_DTYPES = ("fp32", "bf16", "int8", "fp8")    # = learner.quant.SERVING_DTYPES (not imported: torch is heavy)
+
 
 @dataclass
 class ServeConfig:
@@ -17,6 +19,8 @@ class ServeConfig:
     # caps on the work a request controls (a 4xx names the cap; the body itself is capped at 1 MiB)
     max_top_k: int = 32                    # items one request may ask for (also <= loop.beam_width)
     max_context_items: int = 4096          # items in a client-sent context, short + long together
+    dtype: str = "fp32"                    # what replicas serve each pushed version in (actors/replica.py):
+                                           # fp32 | bf16 | int8 (CPUs with AVX-512 BF16 / VNNI) | fp8 (CUDA)
 
     def __post_init__(self) -> None:
         if not self.bridge_host:
@@ -29,5 +33,7 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"serve.{name} must be an integer >= 1, got {value!r}")
+        if self.dtype not in SERVE_DTYPES:
+            raise ValueError(f"serve.dtype must be one of {', '.join(SERVE_DTYPES)}, got {self.dtype!r}")
         if self.api_token == "":
             self.api_token = None

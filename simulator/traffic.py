@@ -63,11 +63,13 @@ class WorldTraffic:
         self.plays = Counter()                                    # `popular`: most played so far in the run
         self.impressions_topic = topic_name(cfg.stream, "impressions")
         self.feedback_topic = topic_name(cfg.stream, "feedback")
-        self.stats = Counter()                                    # requests, pages, failures by kind
+        self.stats = Counter()                                    # requests, pages, pages per pipeline
+        self.failures = Counter()                                 # failed pages by kind (http_503, ...)
         self.legacy_requests = 0
         self.by_version: dict[int, Counter] = {}
         self.last_feedback_at: dict[str, float] = {}              # request_id -> when its feedback was sent
         self.diagnostics: dict[str, Counter] = {}                 # arm -> the oracle's view of its own pages
+        self.daily: Counter = Counter()                           # (arm, simulated day) -> play seconds
         self.started = time.monotonic()
         self.producer = None
 
@@ -102,7 +104,7 @@ class WorldTraffic:
             try:
                 await self.page(session, user, t, new_session=new_session)
             except Exception:  # noqa: BLE001 - one failed page never stops the traffic; counted and logged
-                self.stats["page_errors"] += 1
+                self.failures["page_errors"] += 1
                 log.exception("page for user %d failed", user)
                 self.population.after_page(user, [], t + 1.0)
 
@@ -124,6 +126,7 @@ class WorldTraffic:
         responses = self.world.respond(user, items, t)
         await self._feedback(user, answer, responses)
         self.ledger.record(arm, user, t, responses, items, new_session=new_session)
+        self.daily[(arm, int(t // DAY_S))] += sum(float(r["play_time_s"]) for r in responses)
         if answer["pipeline"] != "legacy":
             self.served.record(arm, user, t, responses, items)
         self.plays.update(v for v, r in zip(items, responses) if r["play_time_s"] > 0)
@@ -138,11 +141,11 @@ class WorldTraffic:
                                     timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    self.stats[f"http_{resp.status}"] += 1
+                    self.failures[f"http_{resp.status}"] += 1
                     log.warning("bridge answered %d: %s", resp.status, body[:200])
                     return None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.stats["http_errors"] += 1
+            self.failures["http_errors"] += 1
             log.warning("bridge request failed: %r", exc)
             return None
         answer = orjson.loads(body)
@@ -244,11 +247,36 @@ class WorldTraffic:
                                       "oracle_expected_play_per_video_s": d["oracle_expected_play_s"] / d["videos"],
                                       "repeat_share": d["repeats"] / d["videos"]}
         everything["pages"] = dict(self.stats)
+        everything["failed_pages"] = dict(self.failures)
         everything["simulated_days"] = self.days()
         return everything
+
+    def stay_time_by_day(self) -> dict[str, list[float]]:
+        """Per arm, App Stay Time of each simulated day so far (play seconds per enrolled user)."""
+        users = Counter(self.arm_users.values())
+        last = int(self.ledger.max_t // DAY_S)
+        return {arm: [self.daily[(arm, d)] / max(users[arm], 1) for d in range(last + 1)] for arm in self.arms}
+
+    def plot_stay_time(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, days in self.stay_time_by_day().items():
+            ax.plot(range(len(days)), days, marker="o", label=arm)
+        ax.set_xlabel("simulated day (the last one is partial)")
+        ax.set_ylabel("App Stay Time per user (s)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
 
     def summary(self) -> str:
         stay = {arm: self.stay_time_so_far(arm) for arm in self.arms}
         shown = ", ".join(f"{a} {v:.0f}s" for a, v in stay.items() if v is not None)
-        return (f"simulator: {dict(self.stats)}; {self.days():.2f} simulated days; stay time per user-day: "
-                f"{shown or '-'}; pages served by the legacy pipeline: {self.legacy_requests}")
+        by_day = "; ".join(f"{arm}: " + " ".join(f"{v:.0f}" for v in days) for arm, days in self.stay_time_by_day().items())
+        return (f"simulator: {dict(self.stats)}, failed {dict(self.failures)}; {self.days():.2f} simulated days; "
+                f"stay time per user-day: {shown or '-'}; per simulated day (s): {by_day}; "
+                f"pages served by the legacy pipeline: {self.legacy_requests}")

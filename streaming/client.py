@@ -6,7 +6,7 @@ LATEST can be short): readers start from the beginning or from committed offsets
 
 - `EventPublisher`: impressions and feedback, validated and keyed by user id (`streaming.join.user_key`).
 - `read_events(cfg, kind, ...)`: read a topic from the beginning until a condition or a timeout.
-- `WorkerProcess`: `python -m streaming.worker` (either engine) as a subprocess (tests, benchmark, `onerec run`).
+- `WorkerProcess`: `python -m onerec.cli worker` (either engine) as a subprocess (tests, benchmark, `onerec run`).
 """
 from __future__ import annotations
 
@@ -148,7 +148,8 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
-        cmd = [sys.executable, "-m", "streaming.worker", "--loglevel", self.loglevel, "--no-create-topics",
+        # the `onerec worker` command (by module name: the config is composed on the top floor, in onerec/)
+        cmd = [sys.executable, "-m", "onerec.cli", "worker", "--loglevel", self.loglevel, "--no-create-topics",
                *stream_overrides(self.cfg)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         root = Path(__file__).resolve().parents[1]

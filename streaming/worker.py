@@ -7,7 +7,7 @@ changelogs, so either can take over from the other:
 
     onerec worker
     onerec worker --set stream.engine='"faust"' --loglevel info
-    python -m streaming.worker --set stream.namespace=test1
+    python -m onerec.cli worker --set stream.namespace=test1
 """
 from __future__ import annotations
 

@@ -46,5 +46,5 @@ def test_a_short_ab_run_tells_the_oracle_from_random(tmp_path, ray_session, stre
     assert lo > hi, "the oracle's interval against sft lies above random's"
     assert arms["sft"]["samples_trained"] > 0 and arms["sft"]["versions"] >= 2
     assert arms["sft"]["own_videos"] > 0 and loop.traffic.stats["requests"] > 0
-    assert not any(k.startswith("http_") for k in loop.traffic.stats), loop.traffic.stats
+    assert not loop.traffic.failures, loop.traffic.failures
     assert sum(a["users"] for a in arms.values()) == cfg.simulator.users

@@ -56,7 +56,7 @@ def test_forced_drift_alerts_and_rolls_back(world, tmp_path):
 
     bad = monitor.on_weights(3, drifted(base))
     assert bad["kl"] > monitor.cfg.kl_threshold
-    assert [a["kind"] for a in bad["alerts"]] == ["kl"]
+    assert {"kl", "kl_level1"} <= {a["kind"] for a in bad["alerts"]}
     assert bad["rolled_back_to"] == 2 and calls == [2]
 
     # the publisher re-publishes version 2's weights as version 4: compared with 2, not with 3
@@ -110,7 +110,7 @@ def test_collapse_alerts_after_consecutive_narrow_windows_only(world, tmp_path):
         (rec,) = monitor.observe_samples(window(version))
         kinds.append([a["kind"] for a in rec["alerts"]])
         assert rec["distinct_share"] == pytest.approx(0.04 if window is narrow else 1.0)
-    assert kinds == [[], [], [], [], [], ["collapse"]]
+    assert kinds == [[], [], [], [], [], ["collapse", "top_share"]]   # 4 items hold every request's top
 
 
 def test_no_rollback_unless_configured(world, tmp_path):
@@ -134,7 +134,7 @@ def test_drift_command_prints_table_and_writes_plot(world, tmp_path, capsys):
     monitor.flush()
     rows = drift_table(read_drift_log(path))
     assert [r["version"] for r in rows] == [1, 2]
-    assert rows[0]["n"] == 30 and rows[1]["alerts"] == ["kl"] and rows[1]["rolled_back_to"] == 1
+    assert rows[0]["n"] == 30 and "kl" in rows[1]["alerts"] and rows[1]["rolled_back_to"] == 1
 
     plot = tmp_path / "drift.png"
     assert cli.main(["drift", str(path), "--plot", str(plot)]) == 0
@@ -192,3 +192,172 @@ def test_drift_actor_gets_weights_like_a_replica_and_asks_for_rollback(world, tm
     assert [r["version"] for r in read_drift_log(tmp_path / "a.jsonl")] == [1, 2]
     ray.kill(actor)
     ray.kill(recorder)
+
+
+# ---- the estimators (actors/drift_signals.py) against closed forms -------------------------------------
+def test_k1_and_k3_equal_the_kl_in_expectation_and_k3_is_never_negative():
+    """x ~ p_old with counts proportional to p_old: the sample mean IS the expectation, so both
+    estimators must give KL(p_old || p_new) exactly; Monte Carlo draws agree within 4 standard errors."""
+    from actors.drift_signals import kl_estimators
+
+    counts = np.array([5, 3, 1, 1])
+    p_old, p_new = counts / counts.sum(), np.array([0.1, 0.2, 0.3, 0.4])
+    kl = float(np.sum(p_old * np.log(p_old / p_new)))
+    x = np.repeat(np.arange(4), counts)                        # the exact expectation over p_old
+    est = kl_estimators(np.log(p_old[x]), np.log(p_new[x]))
+    assert est["k1"] == pytest.approx(kl, rel=1e-12) and est["k3"] == pytest.approx(kl, rel=1e-12)
+    assert est["n"] == 10
+
+    rng = np.random.default_rng(0)
+    draws = rng.choice(4, size=20_000, p=p_old)
+    log_r = np.log(p_new[draws]) - np.log(p_old[draws])
+    mc = kl_estimators(np.log(p_old[draws]), np.log(p_new[draws]))
+    assert abs(mc["k1"] - kl) < 4 * (-log_r).std() / np.sqrt(len(draws))
+    assert abs(mc["k3"] - kl) < 4 * (np.expm1(log_r) - log_r).std() / np.sqrt(len(draws))
+    # per sample: k1 can be negative (r > 1), k3 never is, for r below and above 1
+    singles = [kl_estimators([np.log(p_old[i])], [np.log(p_new[i])]) for i in range(4)]
+    assert min(s["k1"] for s in singles) < 0 and all(s["k3"] >= 0 for s in singles)
+    same = kl_estimators(np.log(p_old[x]), np.log(p_old[x]))
+    assert same["k1"] == 0.0 and same["k3"] == 0.0
+    # served items come from the beam: x ~ q = p_old renormalised over a subset. k1 then estimates
+    # KL(q || p_new) - KL(q || p_old) exactly (the subset's mass cancels); k3 is biased by E_q[r] != 1
+    beam = np.array([0, 1, 2])
+    q = p_old[beam] / p_old[beam].sum()
+    kl_q = lambda p: float(np.sum(q * np.log(q / p[beam])))                 # noqa: E731
+    weights = np.round(q * 90).astype(int)                                   # q = (5, 3, 1) / 9 exactly
+    xb = np.repeat(beam, weights)
+    est_b = kl_estimators(np.log(p_old[xb]), np.log(p_new[xb]))
+    assert est_b["k1"] == pytest.approx(kl_q(p_new) - kl_q(p_old), rel=1e-9)
+    mean_r = float(np.sum(q * p_new[beam] / p_old[beam]))
+    assert est_b["k3"] == pytest.approx(mean_r - 1 + est_b["k1"], rel=1e-9) and mean_r != pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same length"):
+        kl_estimators([-1.0, -2.0], [-1.0])
+    with pytest.raises(ValueError, match="finite"):
+        kl_estimators([-np.inf], [-1.0])
+
+
+def test_top_item_share_counts_requests_whose_top_item_is_most_served():
+    from actors.drift_signals import top_item_share
+
+    # requests a, b, c: top items (highest logprob) 1, 1, 3; the most served item is 1 (4 exposures)
+    rids = ["a", "a", "b", "b", "c", "c", "d"]
+    items = [1, 2, 1, 2, 3, 1, 4]
+    lps = [-0.1, -2.0, -0.5, -0.4, -0.2, -3.0, None]           # b's top is item 2 (-0.4 > -0.5)
+    assert top_item_share(rids, items, lps, top_n=1) == pytest.approx(1 / 4)   # only a's top is item 1
+    assert top_item_share(rids, items, lps, top_n=2) == pytest.approx(2 / 4)   # items 1 and 2
+    assert top_item_share([], [], [], top_n=3) is None
+    with pytest.raises(ValueError, match="top_n"):
+        top_item_share(rids, items, lps, top_n=0)
+
+
+# ---- alerts: a constructed fault fires, a healthy sequence does not -----------------------------------
+def served_by(model, state, tokenizer, contexts, version, rng_seed, *, per_request=3, beam=16):
+    """Samples as the replicas serve them: draws from the beam (temperature 1), with their log pi_old."""
+    from learner.beam import beam_search, sample_from_beam
+    from learner.features import build_context_batch
+
+    model.load_state_dict(state)
+    ctx = build_context_batch(contexts, tokenizer, model.cfg)
+    with torch.no_grad():
+        recs = beam_search(model.eval(), ctx, tokenizer.trie(), beam_width=beam, top_k=beam)
+    recs = sample_from_beam(recs, top_k=per_request, temperature=1.0, generator=torch.Generator().manual_seed(rng_seed))
+    out = []
+    for row, context in enumerate(contexts):
+        for item, sid, lp in zip(recs.item_ids[row].tolist(), recs.semantic_ids[row].tolist(),
+                                 recs.logprobs[row].tolist()):
+            out.append({"request_id": f"v{version}-{rng_seed}-{row}", "user_id": row, "item_id": item,
+                        "model_version": version, "source": "onerec", "context": context, "semantic_id": sid,
+                        "logprob": lp, "feedback": {"play_time_s": 10.0, "dislike": False}, "q": 0.5})
+    return out
+
+
+def nudged(state: dict, seed: int, scale: float = 1e-3) -> dict:
+    """A healthy next version: every tensor moved by a small relative step."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def traffic(world):
+    cfg, item_ids, tokenizer, probe, base = world
+    rng = np.random.default_rng(5)
+    return [random_context(rng, cfg, item_ids, n_short=5, n_long=10) for _ in range(48)]
+
+
+def test_healthy_versions_raise_no_alert_and_served_kl_is_near_zero(world, traffic, tmp_path):
+    cfg, item_ids, tokenizer, probe, base = world
+    monitor = DriftMonitor(cfg, tokenizer, probe, DriftConfig(log_path=str(tmp_path / "h.jsonl"), served_window=100,
+                                                              min_served=50, cold_start_after=0),
+                           trained_items=item_ids)
+    server = LazyDecoder(cfg)
+    state, records = base, []
+    for version in range(1, 8):
+        records.append(monitor.on_weights(version, state))
+        records += monitor.observe_samples(served_by(server, state, tokenizer, traffic, version, version))
+        state = nudged(state, version)
+    records += monitor.flush()
+    assert [r["alerts"] for r in records] == [[]] * len(records)
+    probes = [r for r in records if r["kind"] == "probe"]
+    assert probes[0]["kl_k1_prev"] is None                                 # nothing served before v1
+    assert [r["kl_prev_version"] for r in probes[1:]] == list(range(1, 7))
+    assert [r["kl_ref_version"] for r in probes[1:]] == [1] * 6
+    for r in probes[1:]:
+        assert r["kl_prev_n"] == len(traffic) * 3
+        assert abs(r["kl_k1_prev"]) < 0.05 and 0 <= r["kl_k3_prev"] < 0.05
+    served = [r for r in records if r["kind"] == "served"]
+    assert all(r["top_share"] is not None and r["top_share"] < monitor.cfg.top_share_max for r in served)
+
+
+def test_scrambled_head_trips_the_served_kl_and_a_sharpened_head_the_entropy(world, traffic, tmp_path):
+    cfg, item_ids, tokenizer, probe, base = world
+    calls = []
+    monitor = DriftMonitor(cfg, tokenizer, probe, DriftConfig(log_path=str(tmp_path / "f.jsonl"), rollback=True),
+                           trained_items=item_ids, on_rollback=calls.append)
+    server = LazyDecoder(cfg)
+    monitor.on_weights(1, base)
+    monitor.observe_samples(served_by(server, base, tokenizer, traffic, 1, 1))
+    same = monitor.on_weights(2, base)                      # the same policy: the estimates read ~0
+    assert abs(same["kl_k1_prev"]) < 1e-4 and same["kl_k3_prev"] < 1e-4 and same["alerts"] == []
+    bad = monitor.on_weights(3, drifted(base))
+    kinds = {a["kind"] for a in bad["alerts"]}
+    assert bad["kl_k1_prev"] > monitor.cfg.kl_k1_prev_threshold and {"k1_prev", "k1_ref"} <= kinds
+    assert "k3_prev" not in kinds and bad["kl_k3_prev"] >= 0      # recorded; alerts only with a threshold
+    assert bad["kl_prev_version"] == 1 and bad["rolled_back_to"] == 2 and calls == [2]
+    sharp = {k: v * 1000.0 if k.startswith("heads.") else v for k, v in base.items()}   # all mass on one code
+    rec = monitor.on_weights(4, sharp)
+    assert "entropy" in {a["kind"] for a in rec["alerts"]} and min(rec["entropy"]) < monitor.cfg.entropy_min
+    monitor.cfg.kl_k3_prev_threshold = 2.0
+    assert "k3_prev" in {a["kind"] for a in monitor.on_weights(5, drifted(base))["alerts"]}
+
+
+def test_collapsed_serving_trips_coverage_top_share_and_cold_start(world, tmp_path):
+    cfg, item_ids, tokenizer, probe, base = world
+    monitor = DriftMonitor(cfg, tokenizer, probe, DriftConfig(log_path=str(tmp_path / "s.jsonl"), served_window=100,
+                                                              min_served=50, collapse_versions=2,
+                                                              coverage_min=0.05, cold_start_after=100),
+                           trained_items=item_ids[:150])
+    spread = [sample(1, item_ids[i], dislike=False, q=0.5) for i in range(100)]
+    (first,) = monitor.observe_samples(spread)
+    assert first["alerts"] == [] and first["top_share"] == pytest.approx(0.1)
+    kinds = []
+    for version in (2, 3):
+        window = [dict(sample(version, item_ids[i % 3], dislike=False, q=0.5), request_id=f"q{version}-{i}")
+                  for i in range(100)]
+        (rec,) = monitor.observe_samples(window)
+        kinds.append({a["kind"] for a in rec["alerts"]})
+    assert kinds[0] == set()                                 # one narrow window is not a collapse yet
+    assert {"coverage", "top_share", "collapse"} <= kinds[1]
+    cold = [dict(sample(4, item_ids[150 + i], dislike=False, q=0.5), request_id=f"c{i}") for i in range(100)]
+    (rec,) = monitor.observe_samples(cold)
+    assert "cold_start" in {a["kind"] for a in rec["alerts"]} and rec["cold_start_share"] == 1.0
+
+
+def test_legacy_samples_are_not_the_policys_exposures(world, tmp_path):
+    cfg, item_ids, tokenizer, probe, base = world
+    monitor = DriftMonitor(cfg, tokenizer, probe, DriftConfig(log_path=str(tmp_path / "l.jsonl"), served_window=10))
+    legacy = [dict(sample(0, item_ids[0], dislike=False, q=0.5), source="legacy") for _ in range(20)]
+    assert monitor.observe_samples(legacy) == [] and monitor.flush() == []
+    ours = [dict(sample(1, item_ids[i], dislike=False, q=0.5), source="onerec") for i in range(10)]
+    (rec,) = monitor.observe_samples(legacy + ours)
+    assert rec["version"] == 1 and rec["n"] == 10

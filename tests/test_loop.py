@@ -73,12 +73,12 @@ def test_closed_loop(tmp_path, ray_session, stream_config):
             assert all(np.isfinite(v) for v in status["losses"].values())
 
             # a replica killed mid-traffic: no request is lost, and the supervisor replaces it
-            before = dict(loop.traffic.stats)
+            before = dict(loop.traffic.failures)
             ray.kill(loop.replicas[0])
             requests_at_kill = loop.traffic.stats["requests"]
             await wait_for(lambda: _true(loop.traffic.stats["requests"] >= requests_at_kill + 40), 60,
                            "40 more requests after the replica was killed")
-            errors = {k: v - before.get(k, 0) for k, v in loop.traffic.stats.items() if k != "requests"}
+            errors = {k: v - before.get(k, 0) for k, v in loop.traffic.failures.items()}
             assert not any(errors.values()), f"requests failed after the kill: {errors}"
             await wait_for(lambda: _true(len(loop.bridge.pool) == 2), 60, "the replica to be replaced")
 

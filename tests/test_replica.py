@@ -3,6 +3,7 @@ CPU replicas serve views of the published buffer and release it with the last re
 import threading
 import weakref
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -230,3 +231,111 @@ def test_sampled_serving_explores_beyond_the_greedy_top_k(setup):
     for out in sampled:
         codes = tok.codes_for(out["item_ids"][0]).tolist()
         assert codes == out["semantic_ids"][0] and len(set(out["item_ids"][0])) == 2
+
+
+# ---- quantized serving (serve.dtype) ----------------------------------------------------------------
+def agreement(reference: list[list[int]], other: list[list[int]], k: int) -> tuple[float, float]:
+    """(top-k overlap with the reference's top-k, recall of the reference's top-k in other's whole list)."""
+    overlap = [len(set(a[:k]) & set(b[:k])) / k for a, b in zip(reference, other)]
+    recall = [len(set(a[:k]) & set(b)) / k for a, b in zip(reference, other)]
+    return float(np.mean(overlap)), float(np.mean(recall))
+
+
+@pytest.fixture(scope="module")
+def probe_users(setup):
+    from simulator import embedded
+
+    cfg, tok, _ = setup
+    return embedded.probe_contexts(cfg.model)
+
+
+def served_lists(cfg, tok, contexts, dtype: str, packed, *, device: str = "cpu", beam: int = 32):
+    torch.manual_seed(0)
+    replica = ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, version=0, device=device,
+                             dtype=dtype)
+    replica.apply_weights(1, packed, checksum_of(packed))
+    out = replica.recommend(contexts, top_k=beam, beam_width=beam)     # the whole beam, best first
+    return replica, out["item_ids"]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_quantized_replica_agrees_with_fp32_on_probe_users(setup, probe_users, dtype):
+    """Every pushed version is converted before the swap (counted in last_apply_s); its top-10 on the
+    probe users agrees with fp32's on the same weights."""
+    from learner.quant import QuantizedLinear
+
+    cfg, tok, _ = setup
+    packed = pack_weights(weights_for(cfg, 4))
+    before = packed.copy()
+    _, reference = served_lists(cfg, tok, probe_users, "fp32", packed)
+    replica, lists = served_lists(cfg, tok, probe_users, dtype, packed)
+    overlap, recall = agreement(reference, lists, k=10)
+    assert overlap >= 0.9 and recall >= 0.95, (overlap, recall)
+    model = replica._active.model
+    if dtype == "int8":
+        assert any(isinstance(m, QuantizedLinear) and m.mode == "int8_dynamic" for m in model.modules())
+    else:
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    health = replica.health()
+    assert health["dtype"] == dtype and not health["zero_copy"] and health["last_apply_s"] > 0
+    assert (packed == before).all()                        # the published buffer is only read
+    packed2 = pack_weights(weights_for(cfg, 5))
+    replica.apply_weights(2, packed2, checksum_of(packed2))
+    assert replica.recommend(probe_users[:1], top_k=3, beam_width=8)["model_version"] == 2
+    model2 = replica._active.model
+    assert model2 is not model and (dtype != "int8" or any(isinstance(m, QuantizedLinear) for m in model2.modules()))
+
+
+def test_serve_dtype_is_validated_and_fp8_needs_a_gpu(setup):
+    from learner.quant import SERVING_DTYPES, serving_dtype_support
+    from serving_bridge.config import SERVE_DTYPES, ServeConfig
+
+    cfg, tok, _ = setup
+    assert SERVE_DTYPES == SERVING_DTYPES
+    with pytest.raises(ValueError, match="serve.dtype"):
+        ServeConfig(dtype="int4")
+    with pytest.raises(ValueError, match="dtype"):
+        ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, dtype="float16")
+    with pytest.raises(ValueError, match="fp8 serves on CUDA only"):
+        ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, dtype="fp8")
+    with pytest.raises(ValueError, match="zero_copy"):
+        ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, dtype="int8", zero_copy=True)
+    fast, kind = serving_dtype_support("fp32")
+    assert fast and kind.startswith("cpu ")
+
+
+def test_slow_dtype_on_this_cpu_still_serves_and_says_so(setup, caplog):
+    from learner.quant import serving_dtype_support
+
+    cfg, tok, contexts = setup
+    fast, _ = serving_dtype_support("bf16")
+    with caplog.at_level("WARNING", logger="actors.replica"):
+        replica = ServingReplica(LazyDecoder(cfg.model), tokenizer=tok, model_cfg=cfg.model, dtype="bf16")
+    assert ("slow here" in caplog.text) == (not fast)
+    assert len(replica.recommend(contexts[:1], top_k=2, beam_width=4)["item_ids"][0]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_gpu_replica_serves_bf16_and_fp8_in_agreement_with_fp32(setup, probe_users, dtype):
+    cfg, tok, _ = setup
+    packed = pack_weights(weights_for(cfg, 4))
+    _, reference = served_lists(cfg, tok, probe_users, "fp32", packed)          # on the CPU
+    replica, lists = served_lists(cfg, tok, probe_users, dtype, packed, device="cuda")
+    overlap, recall = agreement(reference, lists, k=10)
+    assert overlap >= 0.8 and recall >= 0.9, (overlap, recall)
+    assert replica.health()["dtype"] == dtype and replica.last_apply_s > 0
+
+
+@pytest.mark.integration
+def test_replica_actor_serves_int8(ray_session, setup):
+    cfg, tok, contexts = setup
+    packed = pack_weights(weights_for(cfg, 1))
+    actor = ReplicaActor.options(num_cpus=0.5).remote(cfg.model, tokenizer_blob(cfg.model.codebook_size),
+                                                      1, ray.put(packed), checksum_of(packed), dtype="int8")
+    try:
+        assert ray.get(actor.recommend.remote(contexts[:1], 3, 6), timeout=120)["model_version"] == 1
+        health = ray.get(actor.health.remote(), timeout=60)
+        assert health["dtype"] == "int8" and not health["zero_copy"]
+    finally:
+        ray.kill(actor)
