@@ -97,7 +97,7 @@ def test_closed_loop(tmp_path, ray_session, stream_config):
                     return False
                 try:
                     s = await learner_status()
-                except ray.exceptions.RayActorError:
+                except (ray.exceptions.RayActorError, asyncio.TimeoutError):   # dead, or still starting
                     return False
                 return s["resumed_from"] is not None and s["version"] > version_before
             await wait_for(resumed, 90, "the restarted learner to resume and publish")
