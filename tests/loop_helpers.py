@@ -34,3 +34,23 @@ def tokenizer(codebook_size: int):
 
 def tokenizer_blob(codebook_size: int) -> bytes:
     return _tokenizer_bytes(codebook_size)
+
+
+def start_replicas(cfg, n: int = 2, *, seed: int = 0) -> list:
+    """`n` CPU replica actors serving one randomly initialised model (torch seed `seed`) as version 1."""
+    import ray
+    import torch
+
+    from actors.publisher import checksum_of, pack_weights
+    from actors.replica import ReplicaActor
+    from learner.model import LazyDecoder
+
+    torch.manual_seed(seed)
+    packed = pack_weights(LazyDecoder(cfg.model).state_dict())
+    ref = ray.put(packed)
+    blob = tokenizer_blob(cfg.model.codebook_size)
+    replicas = [ReplicaActor.options(num_cpus=0.25).remote(cfg.model, blob, 1, ref, checksum_of(packed))
+                for _ in range(n)]
+    ray.get([r.version.remote() for r in replicas], timeout=120)
+    return replicas
+

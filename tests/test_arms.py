@@ -5,18 +5,14 @@ from collections import Counter
 import aiohttp
 import pytest
 import ray
-import torch
 
 from actors.arms import DEFAULT_AB_ARMS, arm_sections, parse_arms
-from actors.publisher import checksum_of, pack_weights
-from actors.replica import ReplicaActor
 from learner.config import TrainConfig
-from learner.model import LazyDecoder
 from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, start_site
 from simulator import embedded
 from streaming.arms import arm_of
 from streaming.topics import ensure_topics
-from tests.loop_helpers import loop_config, tokenizer_blob
+from tests.loop_helpers import loop_config, start_replicas
 
 
 def test_arm_of_is_stable_balanced_and_total():
@@ -61,16 +57,6 @@ def test_each_learned_arm_gets_its_own_objective_and_checkpoints(tmp_path):
     assert same.checkpoint_dir == cfg.loop.checkpoint_dir         # `onerec run` resumes where it did
 
 
-def replicas_with(cfg, seed: int, n: int = 1):
-    torch.manual_seed(seed)
-    packed = pack_weights(LazyDecoder(cfg.model).state_dict())
-    ref = ray.put(packed)
-    blob = tokenizer_blob(cfg.model.codebook_size)
-    handles = [ReplicaActor.options(num_cpus=0.25).remote(cfg.model, blob, 1, ref, checksum_of(packed))
-               for _ in range(n)]
-    ray.get([h.version.remote() for h in handles], timeout=120)
-    return handles
-
 
 @pytest.mark.integration
 def test_bridge_routes_users_to_their_arm_and_batches_requests(ray_session, stream_config, tmp_path):
@@ -81,7 +67,7 @@ def test_bridge_routes_users_to_their_arm_and_batches_requests(ray_session, stre
     cfg.stream = stream_config
     ensure_topics(stream_config, kinds=("impressions", "feedback"))
     arms = ["gbpo", "sft", "oracle"]
-    pools = {"gbpo": replicas_with(cfg, 0), "sft": replicas_with(cfg, 1)}
+    pools = {"gbpo": start_replicas(cfg, 1, seed=0), "sft": start_replicas(cfg, 1, seed=1)}
     views = UserViews(embedded.user_views(short_len=cfg.model.max_short, long_len=cfg.model.max_long),
                       embedded.item_catalogue().duration_of)
     bridge = ServingBridge.from_config(cfg, views=views, arms=arms, pools=pools)

@@ -5,32 +5,18 @@ import time
 import aiohttp
 import pytest
 import ray
-import torch
 from kafka import KafkaConsumer, KafkaProducer
 
-from actors.publisher import checksum_of, pack_weights
-from actors.replica import ReplicaActor
-from learner.model import LazyDecoder
 from serving_bridge.app import ServingBridge, UserViews, bound_port, make_app, start_site
 from simulator import embedded
 from streaming import schemas
 from streaming.topics import ensure_topics, topic_name
-from tests.loop_helpers import loop_config, tokenizer_blob
+from tests.loop_helpers import loop_config, start_replicas
 
 pytestmark = pytest.mark.integration
 
 USER = 0   # a KuaiRand user with a pre-week history (the bridge's view of them is warm)
 
-
-def start_replicas(cfg, n=2):
-    torch.manual_seed(0)
-    packed = pack_weights(LazyDecoder(cfg.model).state_dict())
-    ref = ray.put(packed)
-    blob = tokenizer_blob(cfg.model.codebook_size)
-    replicas = [ReplicaActor.options(num_cpus=0.25).remote(cfg.model, blob, 1, ref, checksum_of(packed))
-                for _ in range(n)]
-    ray.get([r.version.remote() for r in replicas], timeout=120)
-    return replicas
 
 
 def impressions_by_id(stream_cfg, wanted: set[str], timeout_s: float = 20) -> dict[str, dict]:
